@@ -1,0 +1,255 @@
+"""Datasets, transforms and the neighbour batch sampler.
+
+Every method reads its data the same way: an ImageFolder split (the digit scenes are one), wrapped so
+that each sample's augmentation is a pure function of ``(seed, epoch, slot)``. That makes a resumed run
+see exactly the crops it would have seen, whatever the number of workers or where it stopped.
+
+Batches come from :class:`NeighborBatchSampler`: each epoch every training image is an anchor exactly
+once; each anchor is followed by its K positive neighbours (K = 0 for every method but SCAN), and each
+process takes its own shard of every step.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms as T
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------- transforms
+def moco_v2_transform(size: int, crop_scale_min: float = 0.2, blur_prob: float = 0.5, hflip: bool = True,
+                      jitter_hue: float = 0.1, grayscale_prob: float = 0.2,
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    """MoCo-v2 augmentation, with the blur kernel scaled to the image size (23 px at 224, as in SimCLR).
+
+    Defaults are MoCo-v2's; ``jitter_hue`` and ``grayscale_prob`` let data whose colours are random per
+    image (the digit scenes) take colour away as an instance cue.
+    """
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    ops = [
+        T.RandomResizedCrop(size, scale=(crop_scale_min, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, jitter_hue)], p=0.8),
+        T.RandomGrayscale(p=grayscale_prob),
+        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob),
+    ]
+    if hflip:
+        ops.append(T.RandomHorizontalFlip())
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(ops)
+
+
+def supervised_transform(size: int, crop_scale_min: float = 0.08, hflip: bool = True, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD) -> T.Compose:
+    """The standard supervised training augmentation: random resized crop and flip."""
+    ops = [T.RandomResizedCrop(size, scale=(crop_scale_min, 1.0))]
+    if hflip:
+        ops.append(T.RandomHorizontalFlip())
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def eval_transform(size: int, resize: Optional[int] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+    """Resize (default size / 0.875, i.e. 256 for 224) then centre crop."""
+    resize = resize or int(round(size / 0.875))
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+class MultiView:
+    """Apply ``transform`` ``n`` times: the two views of contrastive learning."""
+
+    def __init__(self, transform, n: int = 2):
+        self.transform, self.n = transform, n
+
+    def __call__(self, img):
+        return [self.transform(img) for _ in range(self.n)]
+
+
+# ------------------------------------------------------------------------------------------- datasets
+def rgb_loader(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return img.convert("RGB")
+
+
+def image_folder(root: str | Path, split: str) -> datasets.ImageFolder:
+    """``root/split`` as a torchvision ImageFolder, with a clear error when it is not one."""
+    path = Path(root) / split
+    if not Path(root).is_dir():
+        raise UserError(f"data directory not found: {root}")
+    if not path.is_dir():
+        raise UserError(f"data directory {root} has no '{split}' folder (expected ImageNet layout: {split}/<class>/<image>)")
+    try:
+        return datasets.ImageFolder(str(path), loader=rgb_loader)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"cannot read {path} as an ImageFolder: {e}") from None
+
+
+def resolve_data_root(data: str, cache: Optional[str] = None, progress: bool = True) -> Path:
+    """'digits' renders (once) and returns the digit-scenes tree; anything else is an ImageFolder root."""
+    if data == "digits":
+        from .digits import ensure_digits
+
+        return ensure_digits(cache, progress=progress)
+    return Path(data)
+
+
+def dataset_fingerprint(ds: datasets.ImageFolder) -> str:
+    """sha256 over the relative file list and labels: identifies a data set without reading its pixels."""
+    h = hashlib.sha256()
+    for path, label in ds.samples:
+        h.update(f"{Path(path).relative_to(ds.root).as_posix()}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+class SeededViews(Dataset):
+    """Wraps a dataset of (PIL image, label); item ``(index, aug_seed, group)`` gives views made under that seed.
+
+    Returns ``(views, label, index, group)`` with ``views`` a list of tensors [3, H, W] and ``group``
+    the pseudo-label the sampler gave this slot.
+    The torch RNG is forked, so the caller's random state is left untouched.
+    """
+
+    def __init__(self, base: Dataset, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def targets(self) -> list:
+        return self.base.targets
+
+    def __getitem__(self, item):
+        index, aug_seed, group = item if isinstance(item, tuple) else (item, item, item)
+        img, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(aug_seed)
+            views = self.transform(img)
+        if not isinstance(views, list):
+            views = [views]
+        return views, label, index, group
+
+
+class EvalImages(Dataset):
+    """(tensor [3, H, W], label, index) under a deterministic evaluation transform."""
+
+    def __init__(self, base: Dataset, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index):
+        img, label = self.base[index]
+        return self.transform(img), label, index
+
+
+def collate_views(batch):
+    """[(views, label, index, group)] -> dict(views=[tensor [B, 3, H, W]] * n, label, index, group [B])."""
+    views, labels, index, group = zip(*batch)
+    n = len(views[0])
+    return {
+        "views": [torch.stack([v[i] for v in views]) for i in range(n)],
+        "label": torch.as_tensor(labels, dtype=torch.long),
+        "index": torch.as_tensor(index, dtype=torch.long),
+        "group": torch.as_tensor(group, dtype=torch.long),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+def _mix(*ints: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    h = hashlib.blake2b(",".join(map(str, ints)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class NeighborBatchSampler:
+    """Batches of anchors, each followed by its K neighbours, sharded over processes.
+
+    Each epoch a seeded permutation of all N images gives the anchors. The epoch has
+    ``ceil(N / (S * world))`` steps; the anchors are spread over the steps and, within a step, over the
+    processes as evenly as possible (sizes differ by at most one), so every anchor is used exactly once
+    per epoch and nothing is padded or dropped. A process's batch at one step is
+    ``[a_1, n_11 .. n_1K, a_2, n_21 .. n_2K, ...]``.
+
+    Each yielded element is ``(index, aug_seed, group)``, ``group`` being the pseudo-label y* of the
+    slot: the anchor's position in the epoch, unique across processes. Missing neighbours (``-1`` in the table: a class
+    with fewer than K + 1 images) are replaced by the anchor itself, which is a positive anyway.
+
+    Args:
+        num_images: N.
+        anchors_per_batch: S, anchors per process per step.
+        neighbors: ``int64 [N, K]`` table, or None for K = 0.
+        rank, world_size: this process and the number of processes.
+        seed: base seed; the permutation and augmentation seeds derive from ``(seed, epoch, ...)``.
+    """
+
+    def __init__(self, num_images: int, anchors_per_batch: int, neighbors: Optional[torch.Tensor] = None,
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        if neighbors is not None and neighbors.shape[0] != num_images:
+            raise ValueError(f"neighbour table has {neighbors.shape[0]} rows for {num_images} images")
+        if num_images < world_size:
+            raise UserError(f"{num_images} training images cannot be shared by {world_size} processes")
+        self.num_images, self.anchors, self.seed = num_images, anchors_per_batch, seed
+        self.neighbors = neighbors.long() if neighbors is not None else torch.empty(num_images, 0, dtype=torch.long)
+        self.rank, self.world = rank, world_size
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def k(self) -> int:
+        return self.neighbors.shape[1]
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch, and the step to start from when resuming in the middle of it."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        """Steps per epoch (the same on every process)."""
+        return math.ceil(self.num_images / (self.anchors * self.world))
+
+    def _bounds(self, step: int) -> tuple[int, int]:
+        """This process's [start, end) slice of the epoch's anchor permutation at ``step``."""
+        steps = len(self)
+        lo = step * self.num_images // steps  # the step's slice of the permutation
+        hi = (step + 1) * self.num_images // steps
+        n = hi - lo
+        return lo + self.rank * n // self.world, lo + (self.rank + 1) * n // self.world
+
+    def permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 17))
+        return torch.randperm(self.num_images, generator=g)  # [N] anchors of this epoch
+
+    def batch(self, step: int, perm: Optional[torch.Tensor] = None) -> list[tuple[int, int, int]]:
+        """Elements ``(index, aug_seed, group)`` of this process at ``step`` of the current epoch."""
+        perm = self.permutation() if perm is None else perm
+        start, end = self._bounds(step)
+        anchors = perm[start:end]  # [S']
+        table = self.neighbors[anchors]  # [S', K]
+        table = torch.where(table < 0, anchors[:, None], table)
+        idx = torch.cat([anchors[:, None], table], 1).reshape(-1)  # [S' (K + 1)]
+        groups = torch.arange(start, end).repeat_interleave(self.k + 1)  # [S' (K + 1)] pseudo-labels
+        slots = torch.arange(start * (self.k + 1), end * (self.k + 1))
+        return [(int(i), _mix(self.seed, self.epoch, int(s)), int(g)) for i, s, g in zip(idx, slots, groups)]
+
+    def __iter__(self) -> Iterator[list]:
+        perm = self.permutation()
+        for step in range(self.start_step, len(self)):
+            yield self.batch(step, perm)
+
+
+def make_loader(dataset: Dataset, sampler: NeighborBatchSampler, num_workers: int = 2,
+                pin_memory: bool = False) -> "torch.utils.data.DataLoader":
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_views,
+                      pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None)

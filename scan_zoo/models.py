@@ -1,0 +1,111 @@
+"""Backbones: build any timm architecture headless, load label-free weights strictly, export plain timm weights."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import UserError
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+HEAD_NAME = "head.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def create_backbone(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model(name, num_classes=0)``: pooled features ``[B, num_features]``."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
+            raise UserError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models())") from None
+        raise
+
+
+def load_strict(model: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict(strict=True), naming exactly which keys are missing or unexpected on failure."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"weights in {source} do not fit {type(model).__name__}: "
+                        f"missing keys {missing or 'none'}, unexpected keys {unexpected or 'none'}")
+    bad = [k for k in own if own[k].shape != state[k].shape]
+    if bad:
+        raise UserError(f"weights in {source} have wrong shapes for {bad[:5]}"
+                        f" (expected {[tuple(own[k].shape) for k in bad[:5]]})")
+    model.load_state_dict(state, strict=True)
+
+
+def _weights_file(ref: Path) -> Path:
+    if ref.is_dir():
+        ref = ref / WEIGHTS_NAME
+    if not ref.is_file():
+        raise UserError(f"no weights at {ref}")
+    if ref.suffix != ".safetensors":
+        raise UserError(f"{ref}: backbone weights must be a .safetensors file (convert other checkpoints first)")
+    return ref
+
+
+def read_config(weights: Path) -> dict:
+    cfg = weights.parent / CONFIG_NAME
+    return json.loads(cfg.read_text()) if cfg.is_file() else {}
+
+
+def load_backbone(ref: str, arch: Optional[str] = None) -> tuple[nn.Module, str]:
+    """A backbone from a model reference, with its weights loaded strictly.
+
+    ``ref`` is a directory holding ``model.safetensors`` (+ ``config.json``), a ``.safetensors`` file, or
+    a timm name with pretrained weights (``hf-hub:...``, ``local-dir:...``, ``arch.tag``).
+    ``arch`` names the architecture when the file has no config beside it.
+    Returns ``(model, description)``.
+    """
+    path = Path(ref)
+    if path.exists():
+        weights = _weights_file(path)
+        arch = read_config(weights).get("architecture") or arch
+        if not arch:
+            raise UserError(f"{weights} has no config.json beside it naming its architecture; pass --model")
+        model = create_backbone(arch)
+        load_strict(model, load_file(str(weights)), str(weights))
+        return model, str(weights)
+    if "/" in ref and not ref.startswith(("hf-hub:", "local-dir:")):
+        raise UserError(f"model reference not found: {ref}")
+    return create_backbone(ref, pretrained=True), ref
+
+
+def export_backbone(backbone: nn.Module, out_dir: Path, data_config: dict, extra: dict,
+                    head: Optional[nn.Module] = None) -> Path:
+    """Write ``model.safetensors`` (plain timm keys, backbone only) and timm's ``config.json``.
+
+    ``extra`` is stored at the top level of config.json under ``scan_zoo`` (timm ignores it there;
+    unknown keys inside ``pretrained_cfg`` would break timm's loader). A projection ``head`` is saved
+    separately as ``head.safetensors`` so contrastive training can continue from the export.
+    """
+    from timm.models._hub import save_config_for_hf
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_config_for_hf(backbone, str(out_dir / CONFIG_NAME), model_config={"scan_zoo": extra},
+                       data_config=data_config)
+    if head is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+                  str(out_dir / HEAD_NAME), metadata={"format": "pt"})
+    return out_dir / WEIGHTS_NAME
+
+
+def data_config_for(image_size: int, eval_resize: Optional[int], mean, std) -> dict:
+    """timm's preprocessing description of the evaluation transform."""
+    resize = eval_resize or int(round(image_size / 0.875))
+    return {"input_size": (3, image_size, image_size), "crop_pct": image_size / resize, "crop_mode": "center",
+            "interpolation": "bilinear", "mean": tuple(mean), "std": tuple(std)}

@@ -1,0 +1,132 @@
+"""Training runs end to end on a tiny ImageFolder: exact resume, checkpoint contents, export, no collectives."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from scan_zoo.config import build_config
+from scan_zoo.engine import list_checkpoints
+from scan_zoo.pipeline import run_training
+
+
+def cfg_for(data, out, **kw):
+    base = dict(method="moco", model="test_resnet", data=str(data), output_dir=str(out), epochs=2, batch_size=8,
+                queue_size=16, image_size=16, eval_resize=16, num_workers=0, log_every_steps=1, lr=0.05, seed=1)
+    base.update(kw)
+    return build_config(base)
+
+
+def model_state(run_dir: Path) -> dict:
+    return load_file(str(list_checkpoints(run_dir)[-1] / "model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["moco", "supervised"])
+def test_stopped_after_first_epoch_and_resumed_equals_uninterrupted(tiny_data, tmp_path, method):
+    full = run_training(cfg_for(tiny_data, tmp_path / "full", method=method))
+    assert full["finished"]
+    steps_per_epoch = 48 // 8
+    part = run_training(cfg_for(tiny_data, tmp_path / "part", method=method, stop_after_steps=steps_per_epoch,
+                                num_workers=2))  # workers must not matter: augmentation is seeded per sample
+    assert not part["finished"] and part["steps"] == steps_per_epoch
+    state = json.loads((list_checkpoints(tmp_path / "part")[-1] / "train_state.json").read_text())
+    assert (state["epoch"], state["step"], state["step_in_epoch"]) == (1, steps_per_epoch, 0)
+    resumed = run_training(cfg_for(tiny_data, tmp_path / "part", method=method, resume="latest"))
+    assert resumed["finished"] and resumed["steps"] == full["steps"]
+    a, b = model_state(tmp_path / "full"), model_state(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    wa = load_file(str(tmp_path / "full" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "part" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_mid_epoch_is_exact_too(tiny_data, tmp_path):
+    run_training(cfg_for(tiny_data, tmp_path / "full"))
+    run_training(cfg_for(tiny_data, tmp_path / "part", stop_after_steps=4))  # 4 of 6 steps of epoch 0
+    run_training(cfg_for(tiny_data, tmp_path / "part", resume="latest"))
+    a, b = model_state(tmp_path / "full"), model_state(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_carries_queue_and_restores_it(tiny_data, tmp_path):
+    from scan_zoo.engine import Trainer, make_accelerator
+
+    cfg = cfg_for(tiny_data, tmp_path / "run", stop_after_steps=3)
+    run_training(cfg)
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert int(saved["queue.ptr"]) == 3 * 8 % 16
+    assert (saved["queue.labels"] >= 0).sum() == 16  # 24 labelled keys pushed into 16 slots
+    assert {"encoder_k.backbone.conv1.0.weight", "queue.keys", "steps"} <= saved.keys()
+    assert (ckpt / "config.yaml").is_file() and (ckpt / "optimizer.bin").is_file()
+    assert (ckpt / "random_states_0.pkl").is_file()
+    # a fresh trainer restores the queue exactly
+    cfg2 = cfg_for(tiny_data, tmp_path / "run", resume="latest")
+    t = Trainer(cfg2, make_accelerator(tmp_path / "run", log_with=None))
+    t.load_checkpoint(ckpt)
+    m = t.acc.unwrap_model(t.model)
+    for name in ("keys", "labels", "ptr"):
+        assert torch.equal(getattr(m.queue, name), saved[f"queue.{name}"])
+    assert t.state.step == 3 and t.state.step_in_epoch == 3
+
+
+def test_export_loads_strictly_into_plain_timm(tiny_data, tmp_path):
+    r = run_training(cfg_for(tiny_data, tmp_path / "run", epochs=1))
+    weights = load_file(r["weights"])
+    model = timm.create_model("test_resnet", num_classes=0)
+    model.load_state_dict(weights, strict=True)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["architecture"] == "test_resnet" and cfg["scan_zoo"]["method"] == "moco"
+    assert "scan_zoo" not in cfg["pretrained_cfg"]
+    # timm's own local-dir loader accepts the export
+    m2 = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True)
+    assert all(torch.equal(m2.state_dict()[k], weights[k]) for k in weights)
+    # with a classifier, exactly the classifier is missing
+    clf = timm.create_model("test_resnet", num_classes=5)
+    missing, unexpected = clf.load_state_dict(weights, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+def test_existing_run_is_not_overwritten_without_resume(tiny_data, tmp_path):
+    from scan_zoo.errors import UserError
+
+    run_training(cfg_for(tiny_data, tmp_path / "run", stop_after_steps=1))
+    with pytest.raises(UserError, match="--resume latest"):
+        run_training(cfg_for(tiny_data, tmp_path / "run"))
+
+
+def test_single_process_calls_no_collective(tiny_data, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    def forbidden(*a, **k):
+        raise AssertionError("a single-process run called a collective")
+
+    for name in ("all_gather", "all_reduce", "broadcast", "barrier", "all_gather_into_tensor", "reduce"):
+        monkeypatch.setattr(dist, name, forbidden)
+    r = run_training(cfg_for(tiny_data, tmp_path / "run", epochs=1))
+    assert r["finished"]
+
+
+def test_scan_run_mines_neighbours_and_starts_from_the_label_free_model(tiny_data, tmp_path):
+    moco = run_training(cfg_for(tiny_data, tmp_path / "moco", epochs=1))
+    cfg = cfg_for(tiny_data, tmp_path / "scan", method="scan", k=2, batch_size=9, epochs=1, stop_after_steps=1,
+                  appearance_model=moco["run_dir"])
+    r = run_training(cfg)
+    assert (tmp_path / "scan" / "neighbors.safetensors").is_file()
+    # one step from the MoCo weights: the key encoder is still within (1 - m) of them
+    from scan_zoo.neighbors import load_neighbors
+
+    idx, _, prov = load_neighbors(tmp_path / "scan" / "neighbors.safetensors")
+    assert idx.shape == (48, 2) and prov["appearance_model"].endswith("model.safetensors")
+    state = model_state(tmp_path / "scan")
+    start = load_file(str(tmp_path / "moco" / "model.safetensors"))
+    k = "conv1.0.weight"
+    diff_k = (state[f"encoder_k.backbone.{k}"] - start[k]).abs().max()
+    diff_q = (state[f"encoder_q.backbone.{k}"] - start[k]).abs().max()
+    assert diff_k < diff_q or diff_q == 0
+    assert diff_q < 0.5  # started from MoCo's weights, not a random init
+    assert not r["finished"]

@@ -1,0 +1,145 @@
+"""The shared masked InfoNCE against naive loops, and the degenerate cases METHOD.md pins."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scan_zoo.losses import contrast_masks, masked_info_nce, moco_info_nce
+
+
+def naive_masked_info_nce(logits, pos, neg, denominator="all"):
+    """Loop over anchors and positives in float64 with math.exp; anchors without positives skipped."""
+    losses = []
+    B, M = logits.shape
+    for i in range(B):
+        P = [j for j in range(M) if pos[i, j]]
+        N = [j for j in range(M) if neg[i, j]]
+        den_set = P + N if denominator == "all" else N
+        if not P or not den_set:
+            continue
+        den = sum(math.exp(float(logits[i, j])) for j in den_set)
+        losses.append(-sum(float(logits[i, p]) - math.log(den) for p in P) / len(P))
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("denominator", ["all", "negatives"])
+def test_masked_info_nce_matches_naive_loop(seed, denominator):
+    g = torch.Generator().manual_seed(seed)
+    B = int(torch.randint(1, 9, (1,), generator=g))
+    M = int(torch.randint(2, 20, (1,), generator=g))
+    tau = float(torch.empty(1).uniform_(0.05, 1.0, generator=g))
+    sims = torch.rand(B, M, generator=g) * 2 - 1
+    logits = sims / tau
+    pos = torch.rand(B, M, generator=g) < 0.3
+    neg = (torch.rand(B, M, generator=g) < 0.7) & ~pos
+    got = masked_info_nce(logits, pos, neg, denominator)
+    want = naive_masked_info_nce(logits.double(), pos, neg, denominator)
+    assert torch.isfinite(got)
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_default_negatives_are_the_complement():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, generator=g)
+    pos = torch.rand(5, 7, generator=g) < 0.3
+    assert torch.allclose(masked_info_nce(logits, pos), masked_info_nce(logits, pos, ~pos))
+
+
+def test_anchor_without_positive_is_finite_and_ignored():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 6, generator=g, requires_grad=True)
+    pos = torch.zeros(4, 6, dtype=torch.bool)
+    pos[0, 1] = pos[2, 3] = True  # anchors 1 and 3 have no positive
+    loss = masked_info_nce(logits, pos)
+    assert torch.isfinite(loss)
+    want = naive_masked_info_nce(logits.detach().double(), pos, ~pos)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[1] == 0) and torch.all(logits.grad[3] == 0)
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_no_positive_at_all_gives_zero_with_a_graph():
+    logits = torch.randn(3, 5, requires_grad=True)
+    loss = masked_info_nce(logits, torch.zeros(3, 5, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_negatives_denominator_without_negatives_is_finite():
+    logits = torch.randn(2, 3)
+    pos = torch.ones(2, 3, dtype=torch.bool)
+    loss = masked_info_nce(logits, pos, torch.zeros(2, 3, dtype=torch.bool), denominator="negatives")
+    assert torch.isfinite(loss) and loss.item() == 0.0
+
+
+def test_overlapping_masks_are_refused():
+    pos = torch.ones(2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError):
+        masked_info_nce(torch.zeros(2, 2), pos, pos)
+
+
+def _unit(*shape, seed):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@pytest.mark.parametrize("tau", [0.07, 0.2, 1.0])
+def test_scan_with_k0_and_no_in_batch_negatives_is_moco(tau):
+    """Degenerate case K = 0: every slot is its own pseudo-class; in-batch negatives off -> MoCo exactly."""
+    B, D, L = 6, 8, 11
+    q, k, queue = _unit(B, D, seed=1), _unit(B, D, seed=2), _unit(L, D, seed=3)
+    index = torch.arange(B) + 100
+    group = torch.arange(B)  # K = 0: each anchor alone in its group
+    pos_b, neg_b = contrast_masks(index, index, group, group, in_batch_negatives=False)
+    logits = torch.cat([q @ k.T, q @ queue.T], 1) / tau
+    pos = torch.cat([pos_b, torch.zeros(B, L, dtype=torch.bool)], 1)
+    neg = torch.cat([neg_b, torch.ones(B, L, dtype=torch.bool)], 1)
+    scan = masked_info_nce(logits, pos, neg)
+    # MoCo as its paper/code writes it, computed independently in float64
+    naive = 0.0
+    for i in range(B):
+        l_pos = float(q[i] @ k[i]) / tau
+        l_neg = [float(q[i] @ z) / tau for z in queue]
+        naive += -(l_pos - math.log(math.exp(l_pos) + sum(math.exp(x) for x in l_neg)))
+    assert scan.item() == pytest.approx(naive / B, rel=1e-5)
+    assert scan.item() == pytest.approx(moco_info_nce(q, k, queue, tau).item(), rel=1e-5)
+
+
+def naive_supcon_out(q, k, labels, queue, queue_labels, tau):
+    """Khosla et al.'s L_out with MoCo keys: for anchor i, positives = keys (batch and queue) of its class;
+    denominator = all keys. Loops, float64."""
+    keys = torch.cat([k, queue]).double()
+    key_labels = torch.cat([labels, queue_labels])
+    total, n = 0.0, 0
+    for i in range(len(q)):
+        s = [float(q[i].double() @ kk) / tau for kk in keys]
+        log_den = math.log(sum(math.exp(x) for x in s))
+        P = [j for j in range(len(keys)) if key_labels[j] == labels[i]]
+        total += -sum(s[j] - log_den for j in P) / len(P)
+        n += 1
+    return total / n
+
+
+def test_scan_with_k_all_same_class_is_supcon():
+    """Degenerate case K = infinity: pseudo-label = class -> SupCon L_out (with a label-blind queue)."""
+    B, D, L, tau = 9, 8, 7, 0.1
+    q, k, queue = _unit(B, D, seed=4), _unit(B, D, seed=5), _unit(L, D, seed=6)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1])
+    index = torch.arange(B)
+    pos_b, neg_b = contrast_masks(index, index, labels, labels, in_batch_negatives=True)
+    logits = torch.cat([q @ k.T, q @ queue.T], 1) / tau
+    pos = torch.cat([pos_b, torch.zeros(B, L, dtype=torch.bool)], 1)
+    got = masked_info_nce(logits, pos, ~pos)
+    want = naive_supcon_out(q, k, labels, queue, torch.full((L,), -1), tau)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_same_image_twice_in_a_batch_is_a_positive():
+    index = torch.tensor([5, 7, 5])
+    group = torch.tensor([0, 1, 2])
+    pos, neg = contrast_masks(index, index, group, group, True)
+    assert pos[0, 2] and pos[2, 0] and not pos[0, 1]
+    assert not (pos & neg).any()

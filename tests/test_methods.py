@@ -1,0 +1,133 @@
+"""Method invariants: the key path uses the momentum encoder, no gradient reaches it, the queue is a FIFO,
+and the method classes reduce to each other where METHOD.md says they do."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from scan_zoo.methods import MoCo, SCAN, SupCon
+from scan_zoo.methods.blocks import LabeledQueue, update_momentum
+
+
+def backbone():
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", num_classes=0)
+
+
+def batch(B=6, seed=0, labels=None, groups=None):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "views": [torch.randn(B, 3, 32, 32, generator=g), torch.randn(B, 3, 32, 32, generator=g)],
+        "index": torch.arange(B) * 3 + 1,
+        "label": torch.as_tensor(labels if labels is not None else [i % 3 for i in range(B)]),
+        "group": torch.as_tensor(groups if groups is not None else list(range(B))),
+    }
+
+
+def common(**kw):
+    return dict(proj_dim=16, queue_size=20, temperature=0.2, key_momentum=0.9, **kw)
+
+
+@pytest.mark.parametrize("cls", [MoCo, SupCon, SCAN])
+def test_no_gradient_reaches_the_key_encoder(cls):
+    m = cls(backbone(), **common())
+    m.train()
+    out = m(batch())
+    out["loss"].backward()
+    assert all(not p.requires_grad and p.grad is None for p in m.encoder_k.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.encoder_q.parameters())
+
+
+@pytest.mark.parametrize("cls", [MoCo, SupCon, SCAN])
+def test_keys_come_from_the_momentum_encoder(cls):
+    m = cls(backbone(), **common())
+    m.train()
+    with torch.no_grad():  # make the two encoders clearly different
+        for p in m.encoder_k.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    k_before = copy.deepcopy(m.encoder_k)
+    q_before = copy.deepcopy(m.encoder_q)
+    b = batch()
+    m(b)
+    # the momentum update happens first: theta_k <- m theta_k + (1 - m) theta_q
+    update_momentum(q_before, k_before, 0.9)
+    for p_got, p_want in zip(m.encoder_k.parameters(), k_before.parameters()):
+        torch.testing.assert_close(p_got, p_want)
+    expected = k_before(b["views"][1])  # same train-mode BN statistics
+    B = len(b["index"])
+    torch.testing.assert_close(m.queue.keys[:B], expected)
+    from_query = q_before(b["views"][1])
+    assert not torch.allclose(m.queue.keys[:B], from_query, atol=1e-3)
+    assert torch.equal(m.queue.labels[:B], b["label"])
+    assert int(m.queue.ptr) == B
+
+
+def test_loss_depends_on_key_encoder_not_query_encoder_keys():
+    """Changing only the key encoder changes the loss (so keys are really used)."""
+    m = MoCo(backbone(), **common())
+    m.eval()  # no state change during the two forwards
+    b = batch()
+    l1 = m(b)["loss"]
+    with torch.no_grad():
+        for p in m.encoder_k.parameters():
+            p.mul_(1.5)
+    l2 = m(b)["loss"]
+    assert not torch.isclose(l1, l2)
+
+
+def test_queue_is_a_fifo_with_wraparound():
+    q = LabeledQueue(5, 2)
+    for step in range(4):
+        keys = torch.full((3, 2), float(step))
+        q.push(keys, torch.full((3,), step))
+    # 12 pushes into 5 slots: slots hold pushes 7..11 -> steps [3, 3, 2, 3, 2]? compute by hand
+    expect = [None] * 5
+    for n in range(12):
+        expect[n % 5] = n // 3
+    assert q.labels.tolist() == expect
+    assert q.keys[:, 0].tolist() == [float(e) for e in expect]
+    assert int(q.ptr) == 12 % 5
+
+
+def test_scan_k0_equals_moco_model():
+    """The SCAN class with K = 0 (unique groups) and in-batch negatives off gives MoCo's loss and updates."""
+    moco = MoCo(backbone(), **common())
+    scan = SCAN(backbone(), in_batch_negatives=False, **common())
+    scan.load_state_dict(moco.state_dict())
+    b = batch()
+    lm, ls = moco(b)["loss"], scan(b)["loss"]
+    torch.testing.assert_close(lm, ls, rtol=0, atol=0)
+    torch.testing.assert_close(moco.queue.keys, scan.queue.keys, rtol=0, atol=0)
+
+
+def test_scan_groups_as_classes_and_supcon_agree_with_label_blind_queue():
+    """SCAN with pseudo-label = class equals SupCon when the queue carries no labels (all -1)."""
+    sup = SupCon(backbone(), **common())
+    scan = SCAN(backbone(), **common())
+    scan.load_state_dict(sup.state_dict())
+    labels = [0, 1, 0, 2, 1, 0]
+    b = batch(labels=labels, groups=labels)
+    torch.testing.assert_close(sup(b)["loss"], scan(b)["loss"])
+
+
+def test_supcon_queue_entries_of_the_same_class_are_positives():
+    sup = SupCon(backbone(), **common())
+    sup.eval()
+    b = batch(labels=[0, 1, 0, 1, 0, 1])
+    with torch.no_grad():
+        sup.queue.labels[:] = -1
+        l_blind = sup(b)["loss"]
+        sup.queue.labels[:4] = 0
+        l_labelled = sup(b)["loss"]
+    assert not torch.isclose(l_blind, l_labelled)
+
+
+def test_scan_negatives_denominator_differs_and_is_finite():
+    a = SCAN(backbone(), denominator="all", **common())
+    n = SCAN(backbone(), denominator="negatives", **common())
+    n.load_state_dict(a.state_dict())
+    b = batch(groups=[0, 0, 0, 1, 1, 1])
+    la, ln = a(b)["loss"], n(b)["loss"]
+    assert torch.isfinite(ln) and ln < la  # leaving positives out of the denominator lowers the loss
