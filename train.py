@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("scan_zoo").setLevel(logging.INFO)
-    acc = None
     try:
         cfg = config_from_args(args)
         if cfg.method == "pipeline":

@@ -160,6 +160,7 @@ class Trainer:
             optimizer, lambda s: cosine_lr(s, self.total_steps, warmup))
         self.model, self.optimizer = acc.prepare(self.method, optimizer)
         self.state = TrainState()
+        self.saved_step = -1  # step of the newest checkpoint on disk
 
     def _init_from(self, ref: str) -> None:
         """Initialise query and key encoders from the label-free model (SCAN inherits MoCo's weights)."""
@@ -177,7 +178,6 @@ class Trainer:
         if hasattr(self.method, "encoder_k"):
             self.method.encoder_k.load_state_dict(self.method.encoder_q.state_dict())
         logger.info("initialised from %s", desc)
-        self.init_description = desc
 
     # -------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -202,6 +202,7 @@ class Trainer:
             for old in list_checkpoints(self.run_dir)[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+        self.saved_step = self.state.step
         return final
 
     def load_checkpoint(self, path: Path) -> None:
@@ -212,6 +213,7 @@ class Trainer:
         self.acc.load_state(str(path))
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"])
+        self.saved_step = self.state.step
         self._trim_metrics(self.state.step)
         if self.acc.is_main_process:
             print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
@@ -288,7 +290,8 @@ class Trainer:
         bar.close()
         if self.state.step_in_epoch == self.steps_per_epoch:  # max_steps ended exactly on an epoch boundary
             self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
-        ckpt = self.save_checkpoint()
+        ckpt = (self.save_checkpoint() if self.saved_step != self.state.step
+                else self.run_dir / CKPT_DIR / f"step_{self.state.step:08d}")
         for tracker in acc.trackers:
             tracker.finish()
         summary = {"method": cfg.method, "model": cfg.model, "steps": self.state.step, "epochs": self.state.epoch,

@@ -8,11 +8,22 @@ from pathlib import Path
 import torch
 
 from . import data as data_lib
+from .errors import UserError
 from .evaluation import extract_features
 from .models import load_backbone
 from .neighbors import dataset_provenance, load_neighbors, mine_neighbors, save_neighbors
 
 logger = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, image_size: int,
@@ -25,11 +36,18 @@ def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, imag
     main = accelerator is None or accelerator.is_main_process
     base = data_lib.image_folder(data_root, "train")
     backbone, desc = load_backbone(appearance_model, arch=arch)
+    prov = dataset_provenance(base, k, desc)
+    if Path(desc).is_file():  # identify the weights by content, not only by path
+        prov["appearance_sha256"] = file_sha256(Path(desc))
+    if Path(out).is_file():  # mined before (a resumed run): reuse it if it was mined the same way
+        try:
+            return load_neighbors(out, prov)[0]
+        except UserError:
+            pass
     device = accelerator.device if accelerator is not None else "cpu"
     images = data_lib.EvalImages(base, data_lib.eval_transform(image_size, eval_resize))
     feats, labels = extract_features(backbone.to(device), images, batch_size, num_workers, device,
                                      desc="appearance features", progress=main)
-    prov = dataset_provenance(base, k, desc)
     if main:
         indices, sims = mine_neighbors(feats, labels, k, progress=True)
         save_neighbors(out, indices, sims, prov)
@@ -43,8 +61,6 @@ def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, imag
 def neighbors_for(cfg, data_root: Path, run_dir: Path, accelerator=None) -> torch.Tensor:
     """The neighbour table a SCAN run needs: the file named by ``cfg.neighbors``, checked against the data,
     or mined now from ``cfg.appearance_model`` into ``run_dir/neighbors.safetensors``."""
-    from .errors import UserError
-
     base = data_lib.image_folder(data_root, "train")
     if cfg.neighbors:
         prov = dataset_provenance(base, cfg.k, "")

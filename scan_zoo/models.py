@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import timm
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 

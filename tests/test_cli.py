@@ -1,5 +1,4 @@
 """Scripts fail with one clear error line (no traceback) on bad input, and say what SCAN needs."""
-import pytest
 
 from conftest import BIN, PYTHON, run_cli
 
@@ -77,3 +76,11 @@ def test_scan_zoo_data_digits_writes_the_tree(tmp_path):
     p = run_cli([str(BIN / "scan-zoo"), "data", "digits", "--out", str(tmp_path / "dg")])
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "dg" / "train" / "7").is_dir() and (tmp_path / "dg" / "metadata.npz").is_file()
+
+
+def test_error_line_is_last_under_accelerate_launch_quiet(tmp_path):
+    """`accelerate launch -q` leaves train.py's error line last (without -q the launcher adds its own traceback)."""
+    p = run_cli([str(BIN / "accelerate"), "launch", "-q", "--num_processes", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no", "train.py", "--method", "moco", "--data", str(tmp_path / "missing")])
+    assert p.returncode != 0
+    assert last_line(p) == f"train.py: error: data directory not found: {tmp_path / 'missing'}"

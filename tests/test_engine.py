@@ -1,5 +1,6 @@
 """Training runs end to end on a tiny ImageFolder: exact resume, checkpoint contents, export, no collectives."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,17 @@ def test_scan_run_mines_neighbours_and_starts_from_the_label_free_model(tiny_dat
     assert diff_k < diff_q or diff_q == 0
     assert diff_q < 0.5  # started from MoCo's weights, not a random init
     assert not r["finished"]
+
+
+def test_bf16_mixed_precision_follows_accelerate(tiny_data, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` sets this variable; the loss stays float32 and finite."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    from scan_zoo.engine import Trainer, make_accelerator
+
+    cfg = cfg_for(tiny_data, tmp_path / "run", method="supcon", max_steps=2)
+    t = Trainer(cfg, make_accelerator(tmp_path / "run", log_with=None))
+    assert t.acc.mixed_precision == "bf16"
+    r = t.fit()
+    assert r["finished"]
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["loss"]) for row in rows)

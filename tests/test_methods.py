@@ -5,7 +5,6 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 from scan_zoo.methods import MoCo, SCAN, SupCon
 from scan_zoo.methods.blocks import LabeledQueue, update_momentum
