@@ -45,7 +45,8 @@ class TrainConfig:
     queue_size: int = 4096  # L, keys kept in the queue; must be smaller than the training set
     key_momentum: float = 0.99  # m in theta_k <- m theta_k + (1 - m) theta_q
     proj_dim: int = 128  # output size of the MLP projection head
-    shuffle_bn: bool = True  # MoCo's shuffle-BN across processes for the key encoder (no-op with one process)
+    shuffle_bn: bool = True  # MoCo's shuffle-BN for the key encoder (across processes, or split-BN in one)
+    key_bn_splits: int = 2  # one process: sub-batches the shuffled key batch is encoded in
 
     # SCAN
     k: int = 2  # K, positive neighbours per image; -1 = every same-class image (SupCon limit)
@@ -81,8 +82,21 @@ class TrainConfig:
             raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.denominator not in ("all", "negatives"):
             raise UserError(f"denominator must be 'all' or 'negatives', not {self.denominator!r}")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise UserError("batch_size and epochs must be positive")
+        for name in ("batch_size", "epochs", "queue_size", "proj_dim", "image_size", "log_every_steps",
+                     "save_every_epochs", "keep_checkpoints", "key_bn_splits", "knn_k"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("max_steps", "save_every_steps", "stop_after_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise UserError("num_workers cannot be negative")
+        if self.temperature <= 0 or self.knn_temperature <= 0:
+            raise UserError("temperatures must be positive")
+        if not 0.0 <= self.key_momentum <= 1.0:
+            raise UserError(f"key_momentum must lie in [0, 1], not {self.key_momentum}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive, not {self.lr}")
         if self.k < -1:
             raise UserError("k must be >= 0, or -1 for every same-class image")
         if self.k == -1 and self.method == "scan":

@@ -204,6 +204,9 @@ class NeighborBatchSampler:
         self.neighbors = neighbors.long() if neighbors is not None else torch.empty(num_images, 0, dtype=torch.long)
         self.rank, self.world = rank, world_size
         self.epoch, self.start_step = 0, 0
+        if num_images // len(self) < world_size:  # the smallest step must give every process an anchor
+            raise UserError(f"{num_images} images in steps of {anchors_per_batch} anchors x {world_size} processes "
+                            "leave some process an empty batch: use at least 2 anchors per process")
 
     @property
     def k(self) -> int:

@@ -165,6 +165,9 @@ class Trainer:
     def _init_from(self, ref: str) -> None:
         """Initialise query and key encoders from the label-free model (SCAN inherits MoCo's weights)."""
         src, desc = load_backbone(ref, arch=self.cfg.model)
+        src_arch = src.pretrained_cfg.get("architecture")
+        if src_arch != self.cfg.model:
+            raise UserError(f"--init-from {ref} is a {src_arch} but this run trains a {self.cfg.model} (--model)")
         self.backbone.load_state_dict(src.state_dict(), strict=True)
         head_file = Path(ref) / HEAD_NAME if Path(ref).is_dir() else None
         head = getattr(self.method, "encoder_q", None)
@@ -184,6 +187,8 @@ class Trainer:
         acc = self.acc
         root = self.run_dir / CKPT_DIR
         final = root / f"step_{self.state.step:08d}"
+        if self.saved_step == self.state.step:  # nothing new since the last save
+            return final
         tmp = root / f".tmp_step_{self.state.step:08d}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -215,8 +220,11 @@ class Trainer:
         self.state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"])
         self.saved_step = self.state.step
         self._trim_metrics(self.state.step)
-        if self.acc.is_main_process:
-            print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
+        if saved.get("total_steps") != self.total_steps:
+            logger.warning("checkpoint %s was made for a %s-step schedule; this run has %d steps (--epochs/--max-steps"
+                           " changed): the cosine schedule changes from here", path, saved.get("total_steps"),
+                           self.total_steps)
+        logger.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
 
     def _trim_metrics(self, step: int) -> None:
         """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
@@ -252,9 +260,13 @@ class Trainer:
                              else v.to(acc.device)) for k, v in batch.items()}
                 out = self.model(batch)
                 loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss is {loss.item()} at step {self.state.step} (epoch {self.state.epoch});"
-                                        f" the last good checkpoint is in {self.run_dir / CKPT_DIR}")
+                bad = (~torch.isfinite(loss.detach())).float()
+                if acc.num_processes > 1:
+                    bad = acc.reduce(bad, "sum")  # every process stops together, none waits in a collective
+                if bad.item() > 0:
+                    raise NonFiniteLoss(f"loss is not finite at step {self.state.step} (epoch {self.state.epoch}) on "
+                                        f"{int(bad.item())} process(es); the last good checkpoint is in "
+                                        f"{self.run_dir / CKPT_DIR}")
                 acc.backward(loss)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -290,8 +302,7 @@ class Trainer:
         bar.close()
         if self.state.step_in_epoch == self.steps_per_epoch:  # max_steps ended exactly on an epoch boundary
             self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
-        ckpt = (self.save_checkpoint() if self.saved_step != self.state.step
-                else self.run_dir / CKPT_DIR / f"step_{self.state.step:08d}")
+        ckpt = self.save_checkpoint()
         for tracker in acc.trackers:
             tracker.finish()
         summary = {"method": cfg.method, "model": cfg.model, "steps": self.state.step, "epochs": self.state.epoch,

@@ -44,7 +44,7 @@ def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, imag
             return load_neighbors(out, prov)[0]
         except UserError:
             pass
-    device = accelerator.device if accelerator is not None else "cpu"
+    device = accelerator.device if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     images = data_lib.EvalImages(base, data_lib.eval_transform(image_size, eval_resize))
     feats, labels = extract_features(backbone.to(device), images, batch_size, num_workers, device,
                                      desc="appearance features", progress=main)

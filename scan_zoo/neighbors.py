@@ -92,7 +92,7 @@ def load_neighbors(path: str | Path, expect: Optional[dict] = None) -> tuple[tor
             indices, sims = f.get_tensor("indices"), f.get_tensor("similarities")
     except Exception as e:  # noqa: BLE001 - any parse failure means "not a neighbour file"
         raise UserError(f"{path} is not a neighbour file written by `scan-zoo mine`: {e}") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") != FORMAT or "provenance" not in meta:
         raise UserError(f"{path} is not a neighbour file written by `scan-zoo mine` (format {meta.get('format')!r})")
     prov = json.loads(meta["provenance"])
     for key, want in (expect or {}).items():

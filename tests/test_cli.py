@@ -46,6 +46,10 @@ def test_scan_without_neighbours_says_what_it_needs(tiny_data, tmp_path):
     assert_clean_error(p, "--init-from")
 
 
+def test_out_of_range_value():
+    assert_clean_error(run_cli([PYTHON, "train.py", "--log-every-steps", "0"]), "log_every_steps must be at least 1")
+
+
 def test_bad_config_file(tmp_path):
     cfg = tmp_path / "r.yaml"
     cfg.write_text("epochs: 3\nnot_an_option: 1\n")

@@ -47,6 +47,14 @@ def test_each_anchor_is_followed_by_its_neighbours_and_shares_their_group():
             groups_seen.add(group)
 
 
+def test_a_process_never_gets_an_empty_batch():
+    from scan_zoo.errors import UserError
+
+    with pytest.raises(UserError, match="empty batch"):
+        D.NeighborBatchSampler(7, 1, rank=0, world_size=2)
+    D.NeighborBatchSampler(8, 1, rank=0, world_size=2)  # divisible: every step has one anchor per process
+
+
 def test_groups_are_unique_across_processes_and_seeds_differ_per_slot():
     s0 = D.NeighborBatchSampler(30, 3, table(30, 2), rank=0, world_size=2)
     s1 = D.NeighborBatchSampler(30, 3, table(30, 2), rank=1, world_size=2)

@@ -135,13 +135,42 @@ def test_scan_run_mines_neighbours_and_starts_from_the_label_free_model(tiny_dat
 
 def test_bf16_mixed_precision_follows_accelerate(tiny_data, tmp_path, monkeypatch):
     """`accelerate launch --mixed_precision bf16` sets this variable; the loss stays float32 and finite."""
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    from accelerate.state import AcceleratorState
+
     from scan_zoo.engine import Trainer, make_accelerator
 
-    cfg = cfg_for(tiny_data, tmp_path / "run", method="supcon", max_steps=2)
-    t = Trainer(cfg, make_accelerator(tmp_path / "run", log_with=None))
-    assert t.acc.mixed_precision == "bf16"
-    r = t.fit()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests made a full-precision state
+    try:
+        cfg = cfg_for(tiny_data, tmp_path / "run", method="supcon", max_steps=2)
+        t = Trainer(cfg, make_accelerator(tmp_path / "run", log_with=None))
+        assert t.acc.mixed_precision == "bf16"
+        r = t.fit()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert r["finished"]
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(row["loss"]) for row in rows)
+
+
+def test_scan_resume_is_exact_and_reuses_the_neighbour_table(tiny_data, tmp_path):
+    moco = run_training(cfg_for(tiny_data, tmp_path / "moco", epochs=1))
+    kw = dict(method="scan", k=2, batch_size=9, epochs=2, appearance_model=moco["run_dir"])
+    run_training(cfg_for(tiny_data, tmp_path / "full", **kw))
+    run_training(cfg_for(tiny_data, tmp_path / "part", stop_after_steps=7, **kw))
+    table = tmp_path / "part" / "neighbors.safetensors"
+    mtime = table.stat().st_mtime_ns
+    run_training(cfg_for(tiny_data, tmp_path / "part", resume="latest", **kw))
+    assert table.stat().st_mtime_ns == mtime  # same appearance model: not mined again
+    a, b = model_state(tmp_path / "full"), model_state(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_training_checkpoint_is_a_model_reference(tiny_data, tmp_path):
+    from scan_zoo.models import load_backbone
+
+    run_training(cfg_for(tiny_data, tmp_path / "run", epochs=1))
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    model, desc = load_backbone(str(ckpt))
+    export = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], export[k]) for k in export)

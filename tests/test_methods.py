@@ -26,7 +26,7 @@ def batch(B=6, seed=0, labels=None, groups=None):
 
 
 def common(**kw):
-    return dict(proj_dim=16, queue_size=20, temperature=0.2, key_momentum=0.9, **kw)
+    return dict(proj_dim=16, queue_size=20, temperature=0.2, key_momentum=0.9, **{"shuffle_bn": False, **kw})
 
 
 @pytest.mark.parametrize("cls", [MoCo, SupCon, SCAN])
@@ -130,3 +130,31 @@ def test_scan_negatives_denominator_differs_and_is_finite():
     b = batch(groups=[0, 0, 0, 1, 1, 1])
     la, ln = a(b)["loss"], n(b)["loss"]
     assert torch.isfinite(ln) and ln < la  # leaving positives out of the denominator lowers the loss
+
+
+def test_single_process_split_bn_gives_each_image_its_own_key():
+    """With BN in eval mode the batch composition cannot matter: shuffled sub-batch keys must equal plain keys,
+    image by image (so the unshuffle is right); in train mode they differ (the statistics really are split)."""
+    m = MoCo(backbone(), **common(shuffle_bn=True, key_bn_splits=2))
+    x = batch(B=8)["views"][1]
+    m.encoder_k.eval()
+    torch.testing.assert_close(m._keys(x), m.encoder_k(x))
+    m.encoder_k.train()
+    assert not torch.allclose(m._keys(x), m.encoder_k(x), atol=1e-4)
+
+
+def test_logits_are_float32_under_bf16_autocast(monkeypatch):
+    import scan_zoo.methods.contrast as contrast
+
+    seen = {}
+    real = contrast.masked_info_nce
+
+    def spy(logits, *a, **k):
+        seen["dtype"] = logits.dtype
+        return real(logits, *a, **k)
+
+    monkeypatch.setattr(contrast, "masked_info_nce", spy)
+    m = SCAN(backbone(), **common())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(batch())
+    assert seen["dtype"] == torch.float32

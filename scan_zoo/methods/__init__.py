@@ -19,7 +19,8 @@ def build_method(cfg, backbone: nn.Module, num_classes: int) -> nn.Module:
     if cfg.method == "supervised":
         return Supervised(backbone, num_classes)
     common = dict(proj_dim=cfg.proj_dim, queue_size=cfg.queue_size, temperature=cfg.temperature,
-                  key_momentum=cfg.key_momentum, shuffle_bn=cfg.shuffle_bn, seed=cfg.seed)
+                  key_momentum=cfg.key_momentum, shuffle_bn=cfg.shuffle_bn, key_bn_splits=cfg.key_bn_splits,
+                  seed=cfg.seed)
     if cfg.method == "moco":
         return MoCo(backbone, **common)
     if cfg.method == "supcon":

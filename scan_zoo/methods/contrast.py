@@ -24,13 +24,14 @@ class MomentumContrast(nn.Module):
     denominator = "all"
 
     def __init__(self, backbone: nn.Module, proj_dim: int = 128, queue_size: int = 65536,
-                 temperature: float = 0.2, key_momentum: float = 0.999, shuffle_bn: bool = True, seed: int = 0):
+                 temperature: float = 0.2, key_momentum: float = 0.999, shuffle_bn: bool = True,
+                 key_bn_splits: int = 2, seed: int = 0):
         super().__init__()
         self.encoder_q = Encoder(backbone, ProjectionHead(backbone.num_features, proj_dim))
         self.encoder_k = momentum_copy(self.encoder_q)
         self.queue = LabeledQueue(queue_size, proj_dim, seed=seed)
         self.temperature, self.key_momentum = temperature, key_momentum
-        self.shuffle_bn, self.seed = shuffle_bn, seed
+        self.shuffle_bn, self.key_bn_splits, self.seed = shuffle_bn, key_bn_splits, seed
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training steps taken; seeds shuffle-BN
 
     @property
@@ -43,12 +44,22 @@ class MomentumContrast(nn.Module):
 
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Keys from the momentum encoder, BatchNorm fed a batch shuffled across processes."""
-        if self.shuffle_bn and D.world_size() > 1:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.steps))
+        """Keys from the momentum encoder, its BatchNorm statistics kept apart from the queries' batch.
+
+        Several processes: MoCo's shuffle-BN (the global batch shuffled across processes). One process:
+        the batch is shuffled and encoded in ``key_bn_splits`` sub-batches, so the keys' BN statistics
+        come from other groups of images than the queries' (the single-GPU form, as in MoCo's CIFAR demo).
+        """
+        if not self.shuffle_bn:
+            return self.encoder_k(x)  # [B, D]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.steps))
+        if D.world_size() > 1:
             x, idx_unshuffle, sizes = D.shuffle_across(x, g)
             return D.unshuffle_across(self.encoder_k(x), idx_unshuffle, sizes)
-        return self.encoder_k(x)  # [B, D]
+        perm = torch.randperm(len(x), generator=g).to(x.device)  # [B]
+        splits = max(1, min(self.key_bn_splits, len(x) // 2))  # BatchNorm needs 2+ samples per split
+        k = torch.cat([self.encoder_k(chunk) for chunk in x[perm].tensor_split(splits)])  # [B, D] shuffled
+        return k[torch.argsort(perm)]
 
     def forward(self, batch: dict) -> dict:
         x_q, x_k = batch["views"][0], batch["views"][1]
@@ -64,9 +75,10 @@ class MomentumContrast(nn.Module):
         keys = {"index": ids_all[:, 0], "label": ids_all[:, 1], "group": ids_all[:, 2],
                 "queue_label": self.queue.labels}
         pos_b, neg_b, pos_q, neg_q = self.masks(batch, keys)
-        l_batch = q @ k_all.T.to(q.dtype)  # [B, Bg]
-        l_queue = q @ self.queue.keys.T.clone().detach().to(q.dtype)  # [B, L]
-        logits = torch.cat([l_batch, l_queue], 1) / self.temperature  # [B, Bg + L]
+        with torch.autocast(device_type=q.device.type, enabled=False):  # logits in float32 under bf16/fp16
+            l_batch = q.float() @ k_all.float().T  # [B, Bg]
+            l_queue = q.float() @ self.queue.keys.clone().detach().float().T  # [B, L]
+            logits = torch.cat([l_batch, l_queue], 1) / self.temperature  # [B, Bg + L]
         loss = masked_info_nce(logits, torch.cat([pos_b, pos_q], 1), torch.cat([neg_b, neg_q], 1),
                                self.denominator)
         if self.training:
