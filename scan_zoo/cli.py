@@ -26,6 +26,37 @@ def _cmd_mine(args) -> int:
     return 0
 
 
+def _cmd_convert_timm(args) -> int:
+    from .convert import detect_layout, read_checkpoint, to_timm
+    from .data import IMAGENET_MEAN, IMAGENET_STD
+    from .models import create_backbone, data_config_for, export_backbone
+
+    state = read_checkpoint(args.checkpoint)
+    layout = detect_layout(state)
+    weights = to_timm(state, args.arch, layout)
+    model = create_backbone(args.arch)
+    model.load_state_dict(weights, strict=True)
+    out = export_backbone(model, Path(args.out), data_config_for(args.image_size, None, IMAGENET_MEAN, IMAGENET_STD),
+                          {"converted_from": str(args.checkpoint), "layout": layout})
+    print(f"{layout} checkpoint -> {out} ({len(weights)} tensors, plain timm keys for {args.arch})")
+    return 0
+
+
+def _cmd_convert_detectron2(args) -> int:
+    import pickle
+
+    from .convert import read_checkpoint, to_detectron2
+
+    src = Path(args.weights)
+    state = read_checkpoint(src / "model.safetensors" if src.is_dir() else src)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as f:
+        pickle.dump(to_detectron2(state), f)
+    print(f"detectron2 weights written to {out} (load with MODEL.WEIGHTS {out}, MODEL.PIXEL_MEAN/STD as timm's)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scan-zoo", description="SCAN (Supervised Contrastive Adjustment in "
                                 "Neighborhood, Wei et al.) model zoo tools. Not SCAN clustering (Van Gansbeke et al.).")
@@ -53,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=256)
     m.add_argument("--num-workers", type=int, default=2)
     m.set_defaults(func=_cmd_mine)
+
+    c = sub.add_parser("convert", help="convert checkpoints: MoCo v1/v2/v3 or scan_zoo -> timm; timm -> detectron2")
+    csub = c.add_subparsers(dest="target", required=True)
+    ct = csub.add_parser("timm", help="a MoCo v1/v2/v3 .pth.tar or a scan_zoo checkpoint -> model.safetensors")
+    ct.add_argument("checkpoint", help="checkpoint file (.pth, .pth.tar or .safetensors)")
+    ct.add_argument("--arch", default="resnet50", help="timm architecture (default resnet50)")
+    ct.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
+    ct.add_argument("--image-size", type=int, default=224, help="evaluation crop size recorded in config.json")
+    ct.set_defaults(func=_cmd_convert_timm)
+    cd = csub.add_parser("detectron2", help="a timm ResNet backbone -> detectron2 .pkl (MoCo's key mapping)")
+    cd.add_argument("weights", help="model.safetensors or a directory holding it")
+    cd.add_argument("--out", required=True, help="output .pkl file")
+    cd.set_defaults(func=_cmd_convert_detectron2)
     return p
 
 

@@ -174,3 +174,7 @@ def test_a_training_checkpoint_is_a_model_reference(tiny_data, tmp_path):
     model, desc = load_backbone(str(ckpt))
     export = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert all(torch.equal(model.state_dict()[k], export[k]) for k in export)
+    from scan_zoo.convert import read_checkpoint, to_timm
+
+    converted = to_timm(read_checkpoint(ckpt / "model.safetensors"), "test_resnet")
+    assert converted.keys() == export.keys() and all(torch.equal(converted[k], export[k]) for k in export)
