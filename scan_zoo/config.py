@@ -66,6 +66,7 @@ class TrainConfig:
     hflip: bool = True  # random horizontal flip
 
     # machinery
+    strict_data: bool = False  # decode every training image first and stop at the first unreadable one
     num_workers: int = 2  # DataLoader workers per process
     log_every_steps: int = 10  # log metrics every this many steps
     save_every_epochs: int = 1  # checkpoint every this many epochs (and at the end)

@@ -11,16 +11,21 @@ process takes its own shard of every step.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms as T
 
 from .errors import UserError
+from .imageio import UnreadableImage, rgb_loader
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,13 +79,6 @@ class MultiView:
 
 
 # ------------------------------------------------------------------------------------------- datasets
-def rgb_loader(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-    return img.convert("RGB")
-
-
 def image_folder(root: str | Path, split: str) -> datasets.ImageFolder:
     """``root/split`` as a torchvision ImageFolder, with a clear error when it is not one."""
     path = Path(root) / split
@@ -89,9 +87,17 @@ def image_folder(root: str | Path, split: str) -> datasets.ImageFolder:
     if not path.is_dir():
         raise UserError(f"data directory {root} has no '{split}' folder (expected ImageNet layout: {split}/<class>/<image>)")
     try:
-        return datasets.ImageFolder(str(path), loader=rgb_loader)
+        ds = datasets.ImageFolder(str(path), loader=rgb_loader, allow_empty=True)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"cannot read {path} as an ImageFolder: {e}") from None
+    if not ds.samples:
+        raise UserError(f"{path} holds no images (expected {split}/<class>/<image>)")
+    counts = np.bincount(ds.targets, minlength=len(ds.classes))
+    empty = [c for c, n in zip(ds.classes, counts) if n == 0]
+    if empty:
+        logger.warning("%s: %d empty class folder(s) kept as classes without images: %s", path, len(empty),
+                       ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
+    return ds
 
 
 def resolve_data_root(data: str, cache: Optional[str] = None, progress: bool = True) -> Path:
@@ -114,8 +120,9 @@ def dataset_fingerprint(ds: datasets.ImageFolder) -> str:
 class SeededViews(Dataset):
     """Wraps a dataset of (PIL image, label); item ``(index, aug_seed, group)`` gives views made under that seed.
 
-    Returns ``(views, label, index, group)`` with ``views`` a list of tensors [3, H, W] and ``group``
-    the pseudo-label the sampler gave this slot.
+    Returns ``(views, label, index, group, skipped)`` with ``views`` a list of tensors [3, H, W],
+    ``group`` the pseudo-label the sampler gave this slot and ``skipped`` None, or the reason an unreadable
+    file was skipped (``views`` is then None and the collate function drops the slot).
     The torch RNG is forked, so the caller's random state is left untouched.
     """
 
@@ -131,13 +138,16 @@ class SeededViews(Dataset):
 
     def __getitem__(self, item):
         index, aug_seed, group = item if isinstance(item, tuple) else (item, item, item)
-        img, label = self.base[index]
+        try:
+            img, label = self.base[index]
+        except UnreadableImage as e:
+            return None, self.base.targets[index], index, group, str(e)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(aug_seed)
             views = self.transform(img)
         if not isinstance(views, list):
             views = [views]
-        return views, label, index, group
+        return views, label, index, group, None
 
 
 class EvalImages(Dataset):
@@ -150,15 +160,25 @@ class EvalImages(Dataset):
         return len(self.base)
 
     def __getitem__(self, index):
-        img, label = self.base[index]
+        try:
+            img, label = self.base[index]
+        except UnreadableImage as e:  # keep the row (tables are indexed by image); a blank image stands in
+            logger.warning("unreadable image replaced by a blank one for evaluation: %s", e)
+            img, label = Image.new("RGB", (64, 64)), self.base.targets[index]
         return self.transform(img), label, index
 
 
 def collate_views(batch):
-    """[(views, label, index, group)] -> dict(views=[tensor [B, 3, H, W]] * n, label, index, group [B])."""
+    """[(views, label, index, group, skipped)] -> dict(views=[tensor [B, 3, H, W]] * n, label, index, group [B],
+    skipped=[reasons]); slots whose image could not be read are dropped."""
+    skipped = [s for *_, s in batch if s is not None]
+    batch = [b[:4] for b in batch if b[4] is None]
+    if not batch:
+        raise RuntimeError(f"every image of a batch was unreadable: {skipped[:3]}")
     views, labels, index, group = zip(*batch)
     n = len(views[0])
     return {
+        "skipped": skipped,
         "views": [torch.stack([v[i] for v in views]) for i in range(n)],
         "label": torch.as_tensor(labels, dtype=torch.long),
         "index": torch.as_tensor(index, dtype=torch.long),

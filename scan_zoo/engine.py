@@ -128,6 +128,13 @@ class Trainer:
             self.train_base = data_lib.image_folder(self.data_root, "train")
         self.num_classes = len(self.train_base.classes)
         n = len(self.train_base)
+        if cfg.strict_data:
+            from .imageio import UnreadableImage, verify_images
+
+            try:
+                verify_images([p for p, _ in self.train_base.samples], progress=acc.is_main_process)
+            except UnreadableImage as e:
+                raise UserError(f"unreadable training image (--strict-data): {e}") from None
         if cfg.method != "supervised" and cfg.queue_size >= n:
             raise UserError(f"queue_size {cfg.queue_size} must be smaller than the {n} training images")
 
@@ -161,6 +168,7 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(self.method, optimizer)
         self.state = TrainState()
         self.saved_step = -1  # step of the newest checkpoint on disk
+        self.skipped_images = 0  # unreadable training images met by this process since it started
 
     def _init_from(self, ref: str) -> None:
         """Initialise query and key encoders from the label-free model (SCAN inherits MoCo's weights)."""
@@ -256,6 +264,7 @@ class Trainer:
         while self.state.step < self.total_steps and not stopped:
             self.sampler.set_epoch(self.state.epoch, self.state.step_in_epoch)
             for batch in self.loader:
+                self._record_skipped(batch.pop("skipped"))
                 batch = {k: ([t.to(acc.device, non_blocking=True) for t in v] if k == "views"
                              else v.to(acc.device)) for k, v in batch.items()}
                 out = self.model(batch)
@@ -279,7 +288,7 @@ class Trainer:
                     now = time.perf_counter()
                     stats = {k: acc.reduce(v.detach().float(), "mean").item() for k, v in out.items()}
                     stats.update(lr=self.scheduler.get_last_lr()[0], images_per_s=images_since / (now - t_last),
-                                 epoch=self.state.epoch)
+                                 epoch=self.state.epoch, skipped_images=self.skipped_images)
                     t_last, images_since = now, 0
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.3g}",
                                     img_s=f"{stats['images_per_s']:.0f}")
@@ -310,6 +319,17 @@ class Trainer:
         if summary["finished"]:
             summary["weights"] = str(self.export())
         return summary
+
+    def _record_skipped(self, reasons: list) -> None:
+        """Unreadable images are dropped from their batch; each is logged and listed in the run directory."""
+        if not reasons:
+            return
+        self.skipped_images += len(reasons)
+        name = "skipped_images.txt" if self.acc.num_processes == 1 else f"skipped_images.rank{self.acc.process_index}.txt"
+        with open(self.run_dir / name, "a") as f:
+            for r in reasons:
+                logger.warning("skipped unreadable image at step %d: %s", self.state.step, r)
+                f.write(f"step {self.state.step}\t{r}\n")
 
     def export(self) -> Path:
         """Backbone alone, plain timm keys, beside timm's config.json (and the projection head, if any)."""
