@@ -25,7 +25,14 @@ from . import data as data_lib
 from .config import TrainConfig
 from .errors import UserError
 from .methods import build_method, num_views
-from .models import create_backbone, data_config_for, export_backbone, load_backbone, HEAD_NAME
+from .models import (
+    HEAD_NAME,
+    create_backbone,
+    data_config_for,
+    export_backbone,
+    load_backbone,
+    load_strict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +185,11 @@ class Trainer:
             raise UserError(f"--init-from {ref} is a {src_arch} but this run trains a {self.cfg.model} (--model)")
         self.backbone.load_state_dict(src.state_dict(), strict=True)
         head_file = Path(ref) / HEAD_NAME if Path(ref).is_dir() else None
-        head = getattr(self.method, "encoder_q", None)
-        if head_file is not None and head_file.is_file() and head is not None:
+        encoder = getattr(self.method, "encoder_q", None)
+        if head_file is not None and head_file.is_file() and encoder is not None:
             from safetensors.torch import load_file
 
-            from .models import load_strict
-
-            load_strict(head.head, load_file(str(head_file)), str(head_file))
+            load_strict(encoder.head, load_file(str(head_file)), str(head_file))
             desc += " (+ projection head)"
         if hasattr(self.method, "encoder_k"):
             self.method.encoder_k.load_state_dict(self.method.encoder_q.state_dict())

@@ -28,13 +28,14 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, image_size: int,
                  eval_resize: int | None = None, arch: str | None = None, accelerator=None,
-                 batch_size: int = 256, num_workers: int = 2) -> torch.Tensor:
+                 batch_size: int = 256, num_workers: int = 2, base=None) -> torch.Tensor:
     """Extract features of ``data_root/train`` with ``appearance_model`` and mine its top-K table into ``out``.
 
     With several processes each extracts a shard; the main process mines and writes; all return the table.
+    ``base`` is the train split's ImageFolder when the caller has it already (listing ImageNet takes a while).
     """
     main = accelerator is None or accelerator.is_main_process
-    base = data_lib.image_folder(data_root, "train")
+    base = base if base is not None else data_lib.image_folder(data_root, "train")
     backbone, desc = load_backbone(appearance_model, arch=arch)
     prov = dataset_provenance(base, k, desc)
     if Path(desc).is_file():  # identify the weights by content, not only by path
@@ -68,7 +69,7 @@ def neighbors_for(cfg, data_root: Path, run_dir: Path, accelerator=None) -> torc
         return load_neighbors(cfg.neighbors, expect)[0]
     if cfg.appearance_model:
         return mine_dataset(cfg.appearance_model, data_root, Path(run_dir) / "neighbors.safetensors", cfg.k,
-                            cfg.image_size, cfg.eval_resize, arch=cfg.model, accelerator=accelerator)
+                            cfg.image_size, cfg.eval_resize, arch=cfg.model, accelerator=accelerator, base=base)
     raise UserError("--method scan needs positive neighbours: pass --neighbors FILE (from `scan-zoo mine`) or "
                     "--appearance-model MODEL (a label-free model, e.g. a MoCo run directory, to mine them with); "
                     "or run the whole pipeline with --method pipeline")
