@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
+    from accelerate import PartialState
+
     from scan_zoo.config import config_from_args, load_yaml
+    from scan_zoo.engine import NonFiniteLoss
     from scan_zoo.errors import UserError
     from scan_zoo.pipeline import format_knn_table, run_pipeline, run_training
 
@@ -40,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
             layers = [load_yaml(args.config)] if args.config else []
             layers.append({k: v for k, v in vars(args).items() if k != "config"})
             results = run_pipeline(layers)
-            from accelerate import PartialState
-
             if PartialState().is_main_process:
                 for stage, r in results.items():
                     if not r["finished"]:
@@ -54,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {stage}: {r['weights']}")
         else:
             r = run_training(cfg)
-            from accelerate import PartialState
-
             if PartialState().is_main_process:
                 print(f"{r['method']}: {r['steps']} steps, checkpoint {r['checkpoint']}")
                 if r.get("weights"):
@@ -63,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"{parser.prog}: training stopped: {e}", file=sys.stderr)
+        return 3
     finally:
         import torch.distributed as dist
 

@@ -259,10 +259,27 @@ class Trainer:
         if acc.is_main_process:
             cfg.save(self.run_dir / "config.yaml")
         acc.init_trackers("train", config={k: v for k, v in cfg.to_dict().items() if v is not None})
-        metrics_file = self.run_dir / "metrics.jsonl"
-
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process,
                    desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
+        try:
+            self._train(bar)
+        finally:
+            bar.close()  # before any error line, so the error is what the user reads last
+        if self.state.step_in_epoch == self.steps_per_epoch:  # max_steps ended exactly on an epoch boundary
+            self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
+        ckpt = self.save_checkpoint()
+        for tracker in acc.trackers:
+            tracker.finish()
+        summary = {"method": cfg.method, "model": cfg.model, "steps": self.state.step, "epochs": self.state.epoch,
+                   "finished": self.state.step >= self.total_steps, "checkpoint": str(ckpt), "run_dir": str(self.run_dir)}
+        if summary["finished"]:
+            summary["weights"] = str(self.export())
+        return summary
+
+    def _train(self, bar) -> None:
+        """The epoch loop: until the schedule ends or ``stop_after_steps``; checkpoints as configured."""
+        cfg, acc = self.cfg, self.acc
+        metrics_file = self.run_dir / "metrics.jsonl"
         stopped = False
         t_last, images_since = time.perf_counter(), 0
         self.model.train()
@@ -313,17 +330,6 @@ class Trainer:
                 self.state.step_in_epoch = 0
                 if self.state.epoch % cfg.save_every_epochs == 0 and self.state.step < self.total_steps:
                     self.save_checkpoint()
-        bar.close()
-        if self.state.step_in_epoch == self.steps_per_epoch:  # max_steps ended exactly on an epoch boundary
-            self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
-        ckpt = self.save_checkpoint()
-        for tracker in acc.trackers:
-            tracker.finish()
-        summary = {"method": cfg.method, "model": cfg.model, "steps": self.state.step, "epochs": self.state.epoch,
-                   "finished": self.state.step >= self.total_steps, "checkpoint": str(ckpt), "run_dir": str(self.run_dir)}
-        if summary["finished"]:
-            summary["weights"] = str(self.export())
-        return summary
 
     def _record_skipped(self, reasons: list) -> None:
         """Unreadable images are dropped from their batch; each is logged and listed in the run directory."""

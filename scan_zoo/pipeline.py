@@ -15,7 +15,6 @@ from .mining import neighbors_for
 from .models import load_backbone
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-STAGES = ("moco", "scan")
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -48,7 +47,10 @@ def knn_evaluate(weights_dir: Path, cfg: TrainConfig, device: torch.device | str
     root = data_lib.resolve_data_root(cfg.data, cfg.data_cache, progress=False)
     train, val = data_lib.image_folder(root, "train"), data_lib.image_folder(root, "val")
     if train.classes != val.classes:
-        raise UserError(f"train and val of {root} have different classes")
+        only_val = sorted(set(val.classes) - set(train.classes))
+        only_train = sorted(set(train.classes) - set(val.classes))
+        raise UserError(f"train and val of {root} have different classes: only in val {only_val[:10]}, "
+                        f"only in train {only_train[:10]}")
     backbone, _ = load_backbone(str(weights_dir), arch=cfg.model)
     backbone = backbone.to(device)
     tf = data_lib.eval_transform(cfg.image_size, cfg.eval_resize)

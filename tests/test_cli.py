@@ -88,3 +88,12 @@ def test_error_line_is_last_under_accelerate_launch_quiet(tmp_path):
                  "--dynamo_backend", "no", "train.py", "--method", "moco", "--data", str(tmp_path / "missing")])
     assert p.returncode != 0
     assert last_line(p) == f"train.py: error: data directory not found: {tmp_path / 'missing'}"
+
+
+def test_non_finite_loss_stops_with_one_line_naming_the_step(tiny_data, tmp_path):
+    p = run_cli([PYTHON, "train.py", "--method", "supervised", "--data", str(tiny_data), "--model", "test_resnet",
+                 "--image-size", "16", "--eval-resize", "16", "--num-workers", "0", "--batch-size", "8",
+                 "--lr", "1e30", "--epochs", "3", "--output-dir", str(tmp_path / "run")])
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert last_line(p).startswith("train.py: training stopped: loss is not finite at step ")
