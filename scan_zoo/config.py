@@ -84,12 +84,11 @@ class TrainConfig:
         if self.denominator not in ("all", "negatives"):
             raise UserError(f"denominator must be 'all' or 'negatives', not {self.denominator!r}")
         for name in ("batch_size", "epochs", "queue_size", "proj_dim", "image_size", "log_every_steps",
-                     "save_every_epochs", "keep_checkpoints", "key_bn_splits", "knn_k"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("max_steps", "save_every_steps", "stop_after_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, not {getattr(self, name)}")
+                     "save_every_epochs", "keep_checkpoints", "key_bn_splits", "knn_k",
+                     "max_steps", "save_every_steps", "stop_after_steps"):  # the last three may be unset
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, not {value}")
         if self.num_workers < 0:
             raise UserError("num_workers cannot be negative")
         if self.temperature <= 0 or self.knn_temperature <= 0:

@@ -57,8 +57,11 @@ def detect_layout(state: dict) -> str:
                     + ", ".join(repr(p) for p, _ in LAYOUTS.values()))
 
 
-def to_timm(state: dict, arch: str, layout: str | None = None) -> dict:
-    """Backbone weights in plain timm keys for ``arch`` (built with ``num_classes=0``), checked strictly."""
+def to_timm(state: dict, arch: str, layout: str | None = None, reference=None) -> dict:
+    """Backbone weights in plain timm keys for ``arch`` (built with ``num_classes=0``), checked strictly.
+
+    ``reference`` is an already built ``arch`` backbone to check against (saves building another).
+    """
     layout = layout or detect_layout(state)
     prefix, head = LAYOUTS[layout]
     out = {}
@@ -69,7 +72,7 @@ def to_timm(state: dict, arch: str, layout: str | None = None) -> dict:
         if head is not None and head.match(name):
             continue  # the projection head of the query encoder
         out[name] = v
-    want = create_backbone(arch).state_dict()
+    want = (reference if reference is not None else create_backbone(arch)).state_dict()
     missing = sorted(set(want) - set(out))
     unexpected = sorted(set(out) - set(want))
     if missing or unexpected:

@@ -44,10 +44,6 @@ def load_strict(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-#: where the backbone sits inside a scan_zoo training checkpoint's model state, by method
-CHECKPOINT_PREFIXES = ("encoder_q.backbone.", "encoder.")
-
-
 def _weights_file(ref: Path) -> Path:
     if ref.is_dir():
         ref = ref / WEIGHTS_NAME
@@ -76,21 +72,21 @@ def load_backbone(ref: str, arch: Optional[str] = None) -> tuple[nn.Module, str]
         weights = _weights_file(path)
         state = load_file(str(weights))
         checkpoint_cfg = weights.parent / "config.yaml"
-        if (weights.parent / "train_state.json").is_file() and checkpoint_cfg.is_file():
-            # a scan_zoo training checkpoint: the backbone of the (query) encoder, without head/queue/key encoder
+        is_checkpoint = (weights.parent / "train_state.json").is_file() and checkpoint_cfg.is_file()
+        if is_checkpoint:  # a scan_zoo training checkpoint names its architecture in its config
             import yaml
 
             arch = yaml.safe_load(checkpoint_cfg.read_text()).get("model") or arch
-            prefix = next((p for p in CHECKPOINT_PREFIXES if any(k.startswith(p) for k in state)), None)
-            if prefix is None:
-                raise UserError(f"{weights}: no backbone keys ({' or '.join(CHECKPOINT_PREFIXES)}*) in this checkpoint")
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         else:
             arch = read_config(weights).get("architecture") or arch
         if not arch:
             raise UserError(f"{weights} has no config.json beside it naming its architecture; name it "
                             "(train.py --model, scan-zoo mine --arch)")
         model = create_backbone(arch)
+        if is_checkpoint:  # the query encoder's backbone, converted (and checked) like any foreign checkpoint
+            from .convert import to_timm
+
+            state = to_timm(state, arch, reference=model)
         load_strict(model, state, str(weights))
         return model, str(weights)
     if "/" in ref and not ref.startswith(("hf-hub:", "local-dir:")):
