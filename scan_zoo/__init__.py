@@ -2,10 +2,18 @@
 its baselines (MoCo-v2, supervised contrastive, cross-entropy) and a timm-style weight zoo.
 
 This is not SCAN clustering ("Learning to Classify Images without Labels", Van Gansbeke et al. 2020).
+
+Importing the package registers the zoo's weights as timm pretrained tags:
+``timm.create_model('test_resnet.scan_digits', pretrained=True)``.
 """
 from .errors import UserError
 from .losses import masked_info_nce
 from .neighbors import load_neighbors, mine_neighbors
+from .registry import ENTRIES, get_entry, list_models
+from .timm_bridge import install as _install_timm_tags
 
 __version__ = "0.1.0"
-__all__ = ["UserError", "masked_info_nce", "mine_neighbors", "load_neighbors", "__version__"]
+__all__ = ["ENTRIES", "UserError", "get_entry", "list_models", "masked_info_nce", "mine_neighbors",
+           "load_neighbors", "__version__"]
+
+_install_timm_tags()

@@ -1,4 +1,4 @@
-"""The ``scan-zoo`` command: data, stage-1 mining (more sub-commands join as the zoo grows)."""
+"""The ``scan-zoo`` command: data, stage-1 mining, the zoo (list, export, publish, README table), converters."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,70 @@ def _cmd_convert_detectron2(args) -> int:
     return 0
 
 
+def _cmd_list(args) -> int:
+    import json
+
+    from .cards import metrics_summary
+    from .registry import ENTRIES
+
+    import fnmatch
+
+    rows = [e for e in ENTRIES if fnmatch.fnmatch(e.name, args.pattern) and (e.has_weights or not args.with_weights)]
+    if args.json:
+        print(json.dumps([{"name": e.name, "method": e.method, "status": e.status, "data": e.data,
+                           "recipe": e.recipe_command, "metrics": e.metrics, "reported": e.reported,
+                           **{k: e.facts.get(k) for k in ("hf_hub_id", "revision", "sha256")}} for e in rows],
+                         indent=2))
+        return 0
+    table = [("name", "method", "weights", "metrics")] + [(e.name, e.method, e.status, metrics_summary(e)) for e in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    for i, r in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+        if i == 0:
+            print("  ".join("-" * w for w in widths) + "  " + "-" * 7)
+    print(f"\n{len(rows)} entries; 'shipped' load offline, 'published' download at a pinned revision, "
+          "'recipe' has no weights yet.")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .hub import export
+
+    out = export(args.run_dir, args.name, args.out)
+    print(f"{args.name} exported to {out} (model.safetensors, config.json, README.md)")
+    return 0
+
+
+def _cmd_publish(args) -> int:
+    from .hub import publish
+
+    r = publish(args.folder, args.repo_id, endpoint=args.endpoint, private=args.private,
+                record_lock=not args.no_record)
+    print(f"published {r['name']} to {r['repo_id']} at revision {r['revision']}")
+    print(f"  commit: {r['commit_url']}")
+    print(f"  sha256: {r['sha256']}")
+    if "lock" in r:
+        print(f"  recorded in {r['lock']}; run `scan-zoo readme` to refresh the README's zoo table")
+    return 0
+
+
+def _cmd_readme(args) -> int:
+    from .cards import update_readme
+
+    path = Path(args.path)
+    text = path.read_text()
+    new = update_readme(text)
+    if args.check:
+        if new != text:
+            print(f"{path}: the zoo table is out of date; run `scan-zoo readme`", file=sys.stderr)
+            return 1
+        print(f"{path}: the zoo table is up to date")
+        return 0
+    path.write_text(new)
+    print(f"{path}: zoo table regenerated from the registry")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scan-zoo", description="SCAN (Supervised Contrastive Adjustment in "
                                 "Neighborhood, Wei et al.) model zoo tools. Not SCAN clustering (Van Gansbeke et al.).")
@@ -97,6 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("weights", help="model.safetensors or a directory holding it")
     cd.add_argument("--out", required=True, help="output .pkl file")
     cd.set_defaults(func=_cmd_convert_detectron2)
+
+    ls = sub.add_parser("list", help="the zoo's entries, whether their weights exist, and their metrics")
+    ls.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. '*scan*'")
+    ls.add_argument("--with-weights", action="store_true", help="only entries whose weights can be loaded")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=_cmd_list)
+
+    ex = sub.add_parser("export", help="a training run -> a zoo model folder (weights, config.json, model card)")
+    ex.add_argument("run_dir", help="run directory holding model.safetensors and config.json (train.py's output)")
+    ex.add_argument("--name", required=True, help="zoo name <arch>.<tag> (scan-zoo list)")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.set_defaults(func=_cmd_export)
+
+    pb = sub.add_parser("publish", help="upload an exported folder to the Hugging Face Hub; record its revision")
+    pb.add_argument("folder", help="folder made by scan-zoo export")
+    pb.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if needed)")
+    pb.add_argument("--endpoint", default=None, help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    pb.add_argument("--private", action="store_true", help="create the repository as private")
+    pb.add_argument("--no-record", action="store_true", help="do not record revision and sha256 in the zoo lock")
+    pb.set_defaults(func=_cmd_publish)
+
+    rd = sub.add_parser("readme", help="regenerate README.md's zoo table from the registry")
+    rd.add_argument("--path", default="README.md")
+    rd.add_argument("--check", action="store_true", help="exit 1 if the table is out of date, change nothing")
+    rd.set_defaults(func=_cmd_readme)
     return p
 
 

@@ -1,0 +1,213 @@
+"""Hub artefacts: export a run as a zoo model, publish it, download and verify zoo weights.
+
+An exported model is a folder of three files, the same on disk, on the Hub and inside the package:
+
+- ``model.safetensors``: the backbone alone, plain timm keys (``num_classes=0``);
+- ``config.json``: timm's Hub config (``timm.create_model('hf-hub:ORG/NAME')`` reads it), with scan_zoo's own
+  metadata at the top level under ``scan_zoo`` (unknown keys inside ``pretrained_cfg`` break timm's loader);
+- ``README.md``: the model card, generated (:mod:`scan_zoo.cards`);
+- ``eval_results.json`` when the model was evaluated (``eval_linear.py``).
+
+Weights are safetensors only; every sha256 the registry knows is checked before a file is read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from datetime import date
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+from .models import CONFIG_NAME, WEIGHTS_NAME, create_backbone, load_strict
+from .registry import ZooEntry, get_entry, record
+
+logger = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+RESULTS_NAME = "eval_results.json"
+_REPO_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
+
+
+# ------------------------------------------------------------------------------------------- checks
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str, what: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise UserError(f"sha256 mismatch for {what} ({path}): expected {expected}, got {actual}. The file is not "
+                        "the one the zoo recorded (altered, truncated or replaced); delete it and download it again")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``ORG/NAME`` with Hub-safe characters only: no '..', absolute paths, URL schemes or extra slashes."""
+    parts = repo_id.split("/") if isinstance(repo_id, str) else []
+    if (len(parts) != 2 or not all(_REPO_PART.fullmatch(p) for p in parts) or ".." in repo_id
+            or "--" in repo_id):
+        raise UserError(f"not a Hub repository id: {repo_id!r} (expected ORG/NAME: letters, digits, '-', '_', '.'; "
+                        "no '..', slashes, schemes or absolute paths)")
+    return repo_id
+
+
+def check_filename(name: str) -> str:
+    """A file name inside a repository: relative, no '..' component, no scheme, no backslash."""
+    p = Path(name)
+    if (not name or p.is_absolute() or ".." in p.parts or "\\" in name or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name)):
+        raise UserError(f"refusing file name {name!r}: it must be a plain relative path inside the repository")
+    return name
+
+
+def _scrub(text: str, token: Optional[str]) -> str:
+    return text.replace(token, "***") if token else text
+
+
+# ------------------------------------------------------------------------------------------ download
+def weights_path(entry: ZooEntry, cache_dir: Optional[str] = None) -> Path:
+    """Local path of the entry's ``model.safetensors``: the shipped file, or a download at the pinned revision."""
+    if entry.status == "shipped":
+        return entry.weights_dir / WEIGHTS_NAME
+    if entry.shipped:
+        raise UserError(f"the weights of {entry.name} are missing from this installation of scan_zoo "
+                        f"({entry.weights_dir}); a checkout rebuilds them with `scan-zoo build-digits`")
+    if entry.status == "recipe":
+        raise UserError(f"{entry.name} is a recipe: no weights have been published for it yet. Train it with "
+                        f"`{entry.recipe_command}`, or pick an entry with weights (scan-zoo list)")
+    from huggingface_hub import hf_hub_download
+
+    facts = entry.facts
+    repo_id = check_repo_id(facts["hf_hub_id"])
+    return Path(hf_hub_download(repo_id, check_filename(WEIGHTS_NAME), revision=facts["revision"],
+                                cache_dir=cache_dir))
+
+
+def load_verified(entry: ZooEntry, cache_dir: Optional[str] = None) -> dict:
+    """The entry's backbone state dict, after its sha256 was checked against the lock file."""
+    from safetensors.torch import load_file
+
+    path = weights_path(entry, cache_dir)
+    expected = entry.facts.get("sha256")
+    if not expected:
+        raise UserError(f"the zoo records no sha256 for {entry.name}: refusing to load unverified weights "
+                        "(the lock file zoo_lock.json lacks it)")
+    verify_sha256(path, expected, entry.name)
+    return load_file(str(path))
+
+
+# -------------------------------------------------------------------------------------------- export
+def read_export_config(folder: Path) -> dict:
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise UserError(f"{folder} has no {CONFIG_NAME}: not an exported model")
+    return json.loads(path.read_text())
+
+
+def export(run_dir: str | Path, name: str, out_dir: str | Path, results: Optional[dict] = None) -> Path:
+    """Make ``out_dir`` a zoo model folder from a training run directory (``model.safetensors`` + config there).
+
+    ``name`` is the zoo name ``<arch>.<tag>``; a name the registry knows must match the run's architecture
+    and method, and the entry's preprocessing is written into config.json. ``results`` (eval_linear.py's
+    JSON) defaults to ``<run_dir>/eval_results.json``.
+    """
+    from safetensors.torch import load_file
+    from timm.models._hub import save_config_for_hf
+
+    from .cards import model_card
+    from .timm_bridge import pretrained_cfg
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    src_cfg = read_export_config(run_dir)
+    meta = src_cfg.get("scan_zoo", {})
+    arch = src_cfg.get("architecture")
+    entry = get_entry(name)
+    if arch != entry.arch:
+        raise UserError(f"{run_dir} holds a {arch}, but {name} is a {entry.arch}")
+    if meta.get("method") not in (None, entry.method):
+        raise UserError(f"{run_dir} was trained with --method {meta.get('method')}, but {name} is a {entry.method} entry")
+    weights = run_dir / WEIGHTS_NAME
+    state = load_file(str(weights))
+    model = create_backbone(arch)
+    load_strict(model, state, str(weights))  # exactly the backbone, nothing more or less
+    if results is None and (run_dir / RESULTS_NAME).is_file():
+        results = json.loads((run_dir / RESULTS_NAME).read_text())
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if weights.resolve() != (out_dir / WEIGHTS_NAME).resolve():
+        shutil.copyfile(weights, out_dir / WEIGHTS_NAME)
+    digest = sha256_file(out_dir / WEIGHTS_NAME)
+    cfg = pretrained_cfg(entry).to_dict()
+    model.pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("file", "hf_hub_id", "hf_hub_filename")}
+    scan_meta = {"name": name, "method": entry.method, "sha256": digest, "recipe": entry.recipe,
+                 "data": entry.data, "train": {k: meta[k] for k in ("steps", "epochs", "num_train_images", "config")
+                                               if k in meta},
+                 "exported": date.today().isoformat()}
+    save_config_for_hf(model, str(out_dir / CONFIG_NAME), model_config={"scan_zoo": scan_meta},
+                       data_config=entry.preprocess.timm_fields())
+    if results:
+        (out_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / CARD_NAME).write_text(model_card(entry, results or {}, digest, scan_meta["train"]))
+    return out_dir
+
+
+def verify_export(folder: str | Path) -> dict:
+    """Check that an export's files agree: weights match config.json's sha256 and load strictly into its arch."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for f in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):
+        if not (folder / f).is_file():
+            raise UserError(f"{folder} lacks {f}: make it with `scan-zoo export`")
+    cfg = read_export_config(folder)
+    meta = cfg.get("scan_zoo") or {}
+    if not meta.get("sha256") or not meta.get("name"):
+        raise UserError(f"{folder / CONFIG_NAME} has no scan_zoo name/sha256: make the folder with `scan-zoo export`")
+    verify_sha256(folder / WEIGHTS_NAME, meta["sha256"], f"{meta['name']} export")
+    model = create_backbone(cfg["architecture"])
+    load_strict(model, load_file(str(folder / WEIGHTS_NAME)), str(folder / WEIGHTS_NAME))
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- publish
+def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpoint: Optional[str] = None,
+            private: bool = False, record_lock: bool = True) -> dict:
+    """Upload an exported folder to ``repo_id`` (created if needed); record revision and sha256 in the lock.
+
+    Everything is checked before the first request: the repository id, a token (``HF_TOKEN`` or
+    ``huggingface-cli login``), and that the export's files agree. The token is never printed.
+    Returns ``{"repo_id", "revision", "commit_url", "sha256", "name"}``.
+    """
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HfHubHTTPError
+
+    check_repo_id(repo_id)
+    token = token or get_token()
+    if not token:
+        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was uploaded)")
+    cfg = verify_export(folder)
+    meta = cfg["scan_zoo"]
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                 commit_message=f"scan_zoo: {meta['name']} (sha256 {meta['sha256'][:12]})",
+                                 allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, RESULTS_NAME])
+    except HfHubHTTPError as e:
+        raise UserError(f"upload to {repo_id} failed: {_scrub(str(e), token)}") from None
+    out = {"name": meta["name"], "repo_id": repo_id, "revision": info.oid, "commit_url": info.commit_url,
+           "sha256": meta["sha256"]}
+    if record_lock:
+        results_file = Path(folder) / RESULTS_NAME
+        facts = {"hf_hub_id": repo_id, "revision": info.oid, "sha256": meta["sha256"],
+                 "published": date.today().isoformat()}
+        if results_file.is_file():
+            facts["metrics"] = json.loads(results_file.read_text())
+        out["lock"] = str(record(meta["name"], facts))
+    return out
