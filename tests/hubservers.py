@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.error
@@ -480,3 +481,11 @@ def _read_body(h: BaseHTTPRequestHandler) -> bytes:
             chunks.append(h.rfile.read(size))
             h.rfile.readline()  # CRLF after each chunk
     return h.rfile.read(int(h.headers.get("Content-Length") or 0))
+
+
+def run_client(code: str, env: dict, timeout: float = 120) -> dict:
+    """Run ``code`` in a fresh interpreter; it must print one JSON object as its last stdout line."""
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, f"client failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])

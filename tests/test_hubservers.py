@@ -13,15 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hubservers import HubWriteStandIn, OlahServer, http_request
-
-
-def run_client(code: str, env: dict, timeout: float = 120) -> dict:
-    """Run ``code`` in a fresh interpreter; it must print one JSON object as its last stdout line."""
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                       timeout=timeout)
-    assert r.returncode == 0, f"client failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
-    return json.loads(r.stdout.strip().splitlines()[-1])
+from hubservers import HubWriteStandIn, OlahServer, http_request, run_client
 
 
 @pytest.fixture(scope="module")
