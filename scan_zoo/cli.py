@@ -121,6 +121,25 @@ def _cmd_readme(args) -> int:
     return 0
 
 
+def _cmd_build_digits(args) -> int:
+    import logging
+
+    from .cards import headline, update_readme
+    from .zoo_build import build_digits
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("scan_zoo").setLevel(logging.INFO)
+    built = build_digits(args.work_dir, args.only, num_workers=args.num_workers)
+    for b in built:
+        linear, knn = headline(b["results"])
+        print(f"{b['name']}: linear top-1 {linear}, kNN top-1 {knn}; shipped in {b['folder']} (sha256 {b['sha256'][:12]})")
+    readme = Path(args.readme)
+    if readme.is_file():
+        readme.write_text(update_readme(readme.read_text()))
+        print(f"{readme}: zoo table regenerated")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scan-zoo", description="SCAN (Supervised Contrastive Adjustment in "
                                 "Neighborhood, Wei et al.) model zoo tools. Not SCAN clustering (Van Gansbeke et al.).")
@@ -186,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--path", default="README.md")
     rd.add_argument("--check", action="store_true", help="exit 1 if the table is out of date, change nothing")
     rd.set_defaults(func=_cmd_readme)
+
+    bd = sub.add_parser("build-digits", help="train, evaluate and ship the *_digits zoo weights from their recipes")
+    bd.add_argument("--work-dir", default="runs/zoo_digits", help="run directories (resumed if present)")
+    bd.add_argument("--only", nargs="*", default=None, help="zoo names to build (default: all shipped entries)")
+    bd.add_argument("--num-workers", type=int, default=2)
+    bd.add_argument("--readme", default="README.md", help="README whose zoo table is regenerated afterwards")
+    bd.set_defaults(func=_cmd_build_digits)
     return p
 
 

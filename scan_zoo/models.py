@@ -21,12 +21,17 @@ CONFIG_NAME = "config.json"
 
 def create_backbone(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(name, num_classes=0)``: pooled features ``[B, num_features]``."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
             raise UserError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models())") from None
         raise
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:  # no network, no such repository or file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot fetch the weights of {name!r}: {first}") from None
 
 
 def load_strict(model: nn.Module, state: dict, source: str) -> None:
