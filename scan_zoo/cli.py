@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--num-workers", type=int, default=2)
     bd.add_argument("--readme", default="README.md", help="README whose zoo table is regenerated afterwards")
     bd.set_defaults(func=_cmd_build_digits)
+
+    from .retrieval import add_parser as add_retrieve_parser
+
+    add_retrieve_parser(sub)
     return p
 
 
