@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .retrieval import add_parser as add_retrieve_parser
 
     add_retrieve_parser(sub)
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .models import pooled_dim
+
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 256, num_workers: int = 2,
@@ -32,7 +34,7 @@ def extract_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 25
         feats.append(backbone(x.to(device)).float())  # [b, D]
         labels.append(y.to(device))
     backbone.train(was_training)
-    dim = backbone.num_features
+    dim = pooled_dim(backbone)
     feats = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)  # [n_r, D]
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     sizes = dist_lib.gather_sizes(len(feats), device)

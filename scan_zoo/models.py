@@ -34,6 +34,12 @@ def create_backbone(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         raise UserError(f"cannot fetch the weights of {name!r}: {first}") from None
 
 
+def pooled_dim(backbone: nn.Module) -> int:
+    """Width of the headless model's output. Models that keep a conv head with ``num_classes=0``
+    (MobileNetV3, GhostNet, ...) output ``head_hidden_size`` features, not ``num_features``."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
 def load_strict(model: nn.Module, state: dict, source: str) -> None:
     """load_state_dict(strict=True), naming exactly which keys are missing or unexpected on failure."""
     own = model.state_dict()

@@ -162,7 +162,7 @@ def _in1k(arch: str, method: str, tag: str, recipe: str, overrides: tuple = (), 
 
 
 def _digits(method: str, tag: str) -> ZooEntry:
-    return ZooEntry("test_resnet", tag, method, f"configs/zoo_digits_{method}.yaml", DIGITS, DIGITS_32,
+    return ZooEntry("test_resnet", tag, method, f"configs/digits_{method}.yaml", DIGITS, DIGITS_32,
                     shipped=True, notes="trained by `scan-zoo build-digits` on a 2-core CPU; a demonstration, "
                     "not a transfer backbone")
 

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("moco", "scan", "supcon", "supervised")  # SCAN needs the MoCo run (stage 0 and stage-1 appearance)
-PORTABLE_RESULT_KEYS = ("data_root", "weights", "model")  # machine-specific paths, not shipped
+PORTABLE_RESULT_KEYS = ("data_root", "weights", "model", "feature_cache")  # machine-specific paths, not shipped
 
 
 def shipped_entries(names: Optional[list[str]] = None) -> list[ZooEntry]:

@@ -158,3 +158,23 @@ def test_logits_are_float32_under_bf16_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m(batch())
     assert seen["dtype"] == torch.float32
+
+
+def test_methods_fit_backbones_whose_pooled_width_is_not_num_features():
+    """MobileNetV3 keeps a conv head with num_classes=0: its output is head_hidden_size wide, not num_features."""
+    from types import SimpleNamespace
+
+    from scan_zoo.methods import build_method
+    from scan_zoo.models import create_backbone, pooled_dim
+
+    backbone = create_backbone("mobilenetv3_small_050")
+    assert pooled_dim(backbone) != backbone.num_features
+    x = torch.randn(4, 3, 32, 32)
+    assert backbone(x).shape == (4, pooled_dim(backbone))
+    for method in ("supervised", "moco"):
+        cfg = SimpleNamespace(method=method, proj_dim=16, queue_size=8, temperature=0.2, key_momentum=0.99,
+                              shuffle_bn=False, key_bn_splits=1, seed=0)
+        m = build_method(cfg, create_backbone("mobilenetv3_small_050"), num_classes=3)
+        batch = {"views": [x, x.clone()], "label": torch.tensor([0, 1, 2, 0]), "index": torch.arange(4),
+                 "group": torch.arange(4)}
+        assert torch.isfinite(m(batch)["loss"])

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import distributed as D
 from ..losses import masked_info_nce
+from ..models import pooled_dim
 from .blocks import Encoder, LabeledQueue, ProjectionHead, momentum_copy, update_momentum
 
 
@@ -27,7 +28,7 @@ class MomentumContrast(nn.Module):
                  temperature: float = 0.2, key_momentum: float = 0.999, shuffle_bn: bool = True,
                  key_bn_splits: int = 2, seed: int = 0):
         super().__init__()
-        self.encoder_q = Encoder(backbone, ProjectionHead(backbone.num_features, proj_dim))
+        self.encoder_q = Encoder(backbone, ProjectionHead(pooled_dim(backbone), proj_dim))
         self.encoder_k = momentum_copy(self.encoder_q)
         self.queue = LabeledQueue(queue_size, proj_dim, seed=seed)
         self.temperature, self.key_momentum = temperature, key_momentum

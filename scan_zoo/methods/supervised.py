@@ -4,12 +4,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import pooled_dim
+
 
 class Supervised(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         self.encoder = backbone
-        self.classifier = nn.Linear(backbone.num_features, num_classes)
+        self.classifier = nn.Linear(pooled_dim(backbone), num_classes)
 
     @property
     def backbone(self) -> nn.Module:
