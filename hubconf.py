@@ -2,7 +2,6 @@
 
     torch.hub.load("path/to/scan_zoo", "create_model", "test_resnet.scan_digits", source="local")
     torch.hub.load("path/to/scan_zoo", "test_resnet_scan_digits", source="local")
-    torch.hub.list("path/to/scan_zoo", source="local")
 
 One function per zoo entry that has weights (its headline metric in the docstring), and a generic
 ``create_model(name, **kwargs)``. Works from a checkout whether or not scan_zoo is installed: torch.hub

@@ -67,6 +67,7 @@ class TrainConfig:
 
     # machinery
     strict_data: bool = False  # decode every training image first and stop at the first unreadable one
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss to skip (each logged, no optimiser step) before stopping
     num_workers: int = 2  # DataLoader workers per process
     log_every_steps: int = 10  # log metrics every this many steps
     save_every_epochs: int = 1  # checkpoint every this many epochs (and at the end)
@@ -91,6 +92,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be at least 1, not {value}")
         if self.num_workers < 0:
             raise UserError("num_workers cannot be negative")
+        if self.skip_nonfinite < 0:
+            raise UserError(f"skip_nonfinite cannot be negative, not {self.skip_nonfinite}")
         if self.temperature <= 0 or self.knn_temperature <= 0:
             raise UserError("temperatures must be positive")
         if not 0.0 <= self.key_momentum <= 1.0:

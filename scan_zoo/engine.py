@@ -2,10 +2,27 @@
 
 A checkpoint (``<run>/checkpoints/step_XXXXXXXX/``) holds, through ``Accelerator.save_state``, the
 model (query encoder, key encoder, queue keys, labels and pointer, step counter), the optimizer and
-every process's RNG states; beside them ``train_state.json`` (epoch, step, position in the epoch,
-scheduler) and ``config.yaml``. It is written under a temporary name and renamed when complete; old
-ones are pruned only after that. Augmentation is seeded per sample and shuffle-BN per step, so a
-resumed run sees exactly the batches and crops the uninterrupted run would have.
+every process's RNG states; beside them ``config.yaml`` and ``train_state.json`` (epoch, step, position
+in the epoch, scheduler, non-finite steps skipped, and the size of every other file of the checkpoint).
+Augmentation is seeded per sample and shuffle-BN per step, so a resumed run sees exactly the batches
+and crops the uninterrupted run would have: on the CPU its final weights are bit-identical.
+
+A run may be killed at any instruction (SIGKILL, preemption, a power cut):
+
+- a checkpoint is written as ``.tmp_step_X``, its files flushed to disk, ``train_state.json`` written
+  last, and the folder renamed to ``step_X`` in one ``os.replace``;
+- a checkpoint counts only if ``train_state.json`` parses and every file it lists has the recorded size
+  (:func:`checkpoint_problem`), so a half-written, half-deleted or truncated one is never picked;
+- old checkpoints are pruned only after the new one is complete, each first renamed out of the
+  ``step_*`` namespace (atomic), then deleted; ``.tmp_*`` and ``.trash_*`` folders left by a killed run
+  are deleted when the run starts again;
+- on resume, ``metrics.jsonl`` and ``skipped_images*.txt`` lose their lines for steps after the
+  checkpoint (a line cut by the kill included): those steps are run, and logged, again.
+
+A non-finite loss stops training at once (:class:`NonFiniteLoss`, naming the step and every loss term)
+with the last good checkpoint untouched; ``--skip-nonfinite N`` skips up to N such steps instead (see
+:meth:`Trainer._nonfinite_step` for what a skipped step does), and no checkpoint is ever written from a
+model state holding NaN or infinity.
 """
 from __future__ import annotations
 
@@ -15,7 +32,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -38,10 +55,11 @@ logger = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "train_state.json"
+PAUSE_ENV = "SCAN_ZOO_TEST_PAUSE"  # test hook, see _pause_point
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+    """The loss (or the model state) became NaN or infinite; the last good checkpoint is left as it was."""
 
 
 @dataclass
@@ -51,6 +69,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     step_in_epoch: int = 0
+    skipped_nonfinite: int = 0  # steps skipped so far because the loss was not finite (--skip-nonfinite)
 
 
 # ---------------------------------------------------------------------------------------- setup helpers
@@ -87,15 +106,104 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint, or None when it is one.
+
+    Complete: ``train_state.json`` parses, and every file it lists is there with the size recorded
+    (checkpoints written before that list existed are taken on their ``train_state.json`` alone).
+    """
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        int(state["step"])
+    except FileNotFoundError:
+        return f"no {STATE_FILE}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{STATE_FILE} is unreadable ({type(e).__name__}: {e})"
+    for name, size in state.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes instead of {size}"
+    return None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (by the step recorded inside, not by folder name)."""
-    root = Path(run_dir) / CKPT_DIR
+    """Complete checkpoints, oldest first (by the step recorded inside, not by folder name).
+
+    Incomplete ones (:func:`checkpoint_problem`) are left out, with a warning.
+    """
     found = []
-    for d in root.glob("step_*"):
-        state = d / STATE_FILE
-        if d.is_dir() and state.is_file():
-            found.append((json.loads(state.read_text())["step"], d))
+    for d in (Path(run_dir) / CKPT_DIR).glob("step_*"):
+        if not d.is_dir():
+            continue
+        problem = checkpoint_problem(d)
+        if problem:
+            logger.warning("ignoring incomplete checkpoint %s: %s", d, problem)
+            continue
+        found.append((json.loads((d / STATE_FILE).read_text())["step"], d))
     return [d for _, d in sorted(found)]
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Delete what a killed run left in ``checkpoints/``: unfinished ``.tmp_*`` and half-pruned ``.trash_*`` folders."""
+    root = Path(run_dir) / CKPT_DIR
+    for d in sorted(root.glob(".tmp_step_*")) + sorted(root.glob(".trash_step_*")):
+        logger.info("removing %s, left by an interrupted run", d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder: renamed out of ``step_*`` first (atomic), so it never looks complete half-deleted."""
+    trash = path.with_name(".trash_" + path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (a kill alone loses nothing; a power cut would)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _names(names: list[str], most: int = 3) -> str:
+    """``a, b, c and 4 more`` (empty: the culprit is on another process)."""
+    if not names:
+        return "on another process"
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _pause_point(run_dir: Path, point: str, step: int, rank: int = 0) -> None:
+    """Test hook (tests/test_crash.py, tests/test_soak.py): does nothing unless ``SCAN_ZOO_TEST_PAUSE`` is set.
+
+    With ``SCAN_ZOO_TEST_PAUSE=<point>:<step>[,<point>:<step> ...]``, a process reaching a listed point
+    writes its pid to ``<run_dir>/.paused_<point>_<step>.<rank>`` and waits while that file exists (5
+    minutes at most), so that a test can SIGKILL it, or change the data, at exactly that moment (and delete
+    the file to let it go on). Points: ``step`` (every process, after an optimiser step, before any
+    checkpoint), and on the main process only ``checkpoint_written`` (state saved in ``.tmp_step_X``, no
+    ``train_state.json`` yet), ``checkpoint_complete`` (``train_state.json`` written, folder not renamed)
+    and ``checkpoint_renamed`` (renamed to ``step_X``, older checkpoints not pruned yet).
+    """
+    wanted = os.environ.get(PAUSE_ENV)
+    if not wanted or f"{point}:{step}" not in wanted.split(","):
+        return
+    marker = Path(run_dir) / f".paused_{point}_{step}.{rank}"
+    part = marker.with_name(marker.name + ".part")
+    part.write_text(str(os.getpid()))
+    os.replace(part, marker)  # whole or absent
+    deadline = time.monotonic() + 300
+    while marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
@@ -110,8 +218,9 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
             logger.info("no checkpoint in %s yet: starting from the beginning", run_dir)
         return ckpts[-1] if ckpts else None
     path = Path(cfg.resume)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"not a complete checkpoint directory: {path}")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"not a complete checkpoint directory: {path} ({problem})")
     return path
 
 
@@ -197,12 +306,18 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_X`` atomically, then prune old ones (module docstring). Every process calls it."""
         acc = self.acc
         root = self.run_dir / CKPT_DIR
-        final = root / f"step_{self.state.step:08d}"
-        if self.saved_step == self.state.step:  # nothing new since the last save
+        step = self.state.step
+        final = root / f"step_{step:08d}"
+        if self.saved_step == step:  # nothing new since the last save
             return final
-        tmp = root / f".tmp_step_{self.state.step:08d}"
+        broken = self._nonfinite_tensors()
+        if self._count_processes(bool(broken)):  # never replace good checkpoints by a poisoned one
+            raise NonFiniteLoss(f"the model state is not finite after step {step} ({_names(broken)}); no checkpoint "
+                                f"written, the last good one is {self._last_good()}")
+        tmp = root / f".tmp_step_{step:08d}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -211,16 +326,26 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.cfg.save(tmp / "config.yaml")
-            state = {**self.state.__dict__, "scheduler": self.scheduler.state_dict(),
-                     "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+            _pause_point(self.run_dir, "checkpoint_written", step)
+            files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            for name in files:
+                _fsync(tmp / name)
+            state = {**asdict(self.state), "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps,
+                     "steps_per_epoch": self.steps_per_epoch, "files": files}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks completeness
-            if final.exists():
-                shutil.rmtree(final)
+            _fsync(tmp / STATE_FILE)
+            _fsync(tmp)
+            _pause_point(self.run_dir, "checkpoint_complete", step)
+            if final.exists():  # saved before (a run resumed from further back) or damaged: replaced
+                _discard(final)
             os.replace(tmp, final)
-            for old in list_checkpoints(self.run_dir)[:-max(1, self.cfg.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
+            _fsync(root)
+            _pause_point(self.run_dir, "checkpoint_renamed", step)
+            others = [c for c in list_checkpoints(self.run_dir) if c != final]  # never prune the new one
+            for old in others[:max(0, len(others) - (max(1, self.cfg.keep_checkpoints) - 1))]:
+                _discard(old)
         acc.wait_for_everyone()
-        self.saved_step = self.state.step
+        self.saved_step = step
         return final
 
     def load_checkpoint(self, path: Path) -> None:
@@ -230,21 +355,37 @@ class Trainer:
                             f"this run has {self.steps_per_epoch}: same data, batch size and process count needed")
         self.acc.load_state(str(path))
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"])
+        self.state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"],
+                                saved.get("skipped_nonfinite", 0))
         self.saved_step = self.state.step
-        self._trim_metrics(self.state.step)
+        self._trim_logs(self.state.step)
         if saved.get("total_steps") != self.total_steps:
             logger.warning("checkpoint %s was made for a %s-step schedule; this run has %d steps (--epochs/--max-steps"
                            " changed): the cosine schedule changes from here", path, saved.get("total_steps"),
                            self.total_steps)
         logger.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
 
-    def _trim_metrics(self, step: int) -> None:
-        """Drop metric lines logged after the checkpoint we resume from (they will be logged again)."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.acc.is_main_process and path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+    def _trim_logs(self, step: int) -> None:
+        """Drop the log lines of steps after the checkpoint we resume from (they will be logged again).
+
+        ``metrics.jsonl`` (main process) and this process's ``skipped_images*.txt``; a line cut short by a
+        kill is dropped too.
+        """
+        def keep(path: Path, step_of) -> None:
+            if not path.is_file():
+                return
+            kept = []
+            for ln in path.read_text().splitlines():
+                try:
+                    if ln.strip() and step_of(ln) <= step:
+                        kept.append(ln + "\n")
+                except (ValueError, IndexError, AttributeError):
+                    logger.warning("dropping an unreadable line of %s (cut short by a kill?): %r", path, ln[:80])
+            path.write_text("".join(kept))
+
+        if self.acc.is_main_process:
+            keep(self.run_dir / "metrics.jsonl", lambda ln: json.loads(ln).get("step", 0))
+        keep(self.run_dir / self._skipped_images_file(), lambda ln: int(ln.split("\t", 1)[0].split()[1]))
 
     # ---------------------------------------------------------------------------------- training
     def fit(self) -> dict:
@@ -257,13 +398,21 @@ class Trainer:
         if resume is not None:
             self.load_checkpoint(resume)
         if acc.is_main_process:
+            remove_leftovers(self.run_dir)
             cfg.save(self.run_dir / "config.yaml")
         acc.init_trackers("train", config={k: v for k, v in cfg.to_dict().items() if v is not None})
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process,
                    desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
+        # Reduced precision on the CPU: oneDNN's kernels gave NaN weight gradients in about one run of three
+        # (torch 2.14, bf16, test_resnet; never with the native kernels), so they are switched off meanwhile.
+        onednn = torch.backends.mkldnn.enabled
+        if acc.device.type == "cpu" and acc.mixed_precision in ("bf16", "fp16") and onednn:
+            logger.info("%s autocast on the CPU: oneDNN switched off for this run (NaN gradients)", acc.mixed_precision)
+            torch.backends.mkldnn.enabled = False
         try:
             self._train(bar)
         finally:
+            torch.backends.mkldnn.enabled = onednn
             bar.close()  # before any error line, so the error is what the user reads last
         if self.state.step_in_epoch == self.steps_per_epoch:  # max_steps ended exactly on an epoch boundary
             self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
@@ -285,28 +434,27 @@ class Trainer:
         self.model.train()
         while self.state.step < self.total_steps and not stopped:
             self.sampler.set_epoch(self.state.epoch, self.state.step_in_epoch)
-            for batch in self.loader:
+            with torch.random.fork_rng(devices=[]):  # a new loader iterator draws a seed from the global RNG:
+                batches = iter(self.loader)  # kept out of it, or a resume mid-epoch would draw it twice
+            for batch in batches:
                 self._record_skipped(batch.pop("skipped"))
                 batch = {k: ([t.to(acc.device, non_blocking=True) for t in v] if k == "views"
                              else v.to(acc.device)) for k, v in batch.items()}
                 out = self.model(batch)
                 loss = out["loss"]
-                bad = (~torch.isfinite(loss.detach())).float()
-                if acc.num_processes > 1:
-                    bad = acc.reduce(bad, "sum")  # every process stops together, none waits in a collective
-                if bad.item() > 0:
-                    raise NonFiniteLoss(f"loss is not finite at step {self.state.step} (epoch {self.state.epoch}) on "
-                                        f"{int(bad.item())} process(es); the last good checkpoint is in "
-                                        f"{self.run_dir / CKPT_DIR}")
-                acc.backward(loss)
-                self.optimizer.step()
+                bad = self._count_processes(~torch.isfinite(loss.detach()))  # every process decides alike
+                if bad:
+                    self._nonfinite_step(out, bad)  # raises, unless the step may be skipped
+                else:
+                    acc.backward(loss)
+                    self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state.step += 1
                 self.state.step_in_epoch += 1
                 images_since += len(batch["index"]) * acc.num_processes
                 bar.update(1)
-                if self.state.step % cfg.log_every_steps == 0 or self.state.step == self.total_steps:
+                if not bad and (self.state.step % cfg.log_every_steps == 0 or self.state.step == self.total_steps):
                     now = time.perf_counter()
                     stats = {k: acc.reduce(v.detach().float(), "mean").item() for k, v in out.items()}
                     stats.update(lr=self.scheduler.get_last_lr()[0], images_per_s=images_since / (now - t_last),
@@ -318,6 +466,7 @@ class Trainer:
                     if acc.is_main_process:
                         with open(metrics_file, "a") as f:
                             f.write(json.dumps({"step": self.state.step, **stats}) + "\n")
+                _pause_point(self.run_dir, "step", self.state.step, acc.process_index)
                 if self.state.step >= self.total_steps:
                     break
                 if cfg.save_every_steps and self.state.step % cfg.save_every_steps == 0:
@@ -331,16 +480,85 @@ class Trainer:
                 if self.state.epoch % cfg.save_every_epochs == 0 and self.state.step < self.total_steps:
                     self.save_checkpoint()
 
+    def _nonfinite_step(self, out: dict, processes: int) -> None:
+        """The loss is not finite on ``processes`` processes: skip this step (``--skip-nonfinite``) or raise.
+
+        Every process calls this and decides alike. A skipped step consumes its batch and counts as a step
+        (data position, lr schedule and shuffle-BN seed move on as usual), but takes no optimiser step: the
+        query encoder's weights and SGD's momentum stay as they were. What the forward pass changed is kept as
+        it left it: for the contrastive methods the key encoder's momentum step (towards the unchanged query
+        weights) and the batch's keys in the queue, so the queue pointer still counts every image read; for
+        all methods the BatchNorm running statistics. That is sound only while every weight, buffer and queue
+        entry is finite; if one is not, all later steps would fail too, so the step is not skipped and
+        training stops.
+        """
+        cfg = self.cfg
+        step = self.state.step + 1  # numbered as in metrics.jsonl: the first step is step 1
+        terms = self._loss_terms(out)  # [process] -> {term: value}
+        rows = [", ".join(f"{k}={v:.6g}" for k, v in t.items()) for t in terms]
+        text = rows[0] if len(rows) == 1 else "; ".join(f"process {r}: {row}" for r, row in enumerate(rows))
+        where = f" on {processes} of {self.acc.num_processes} processes" if self.acc.num_processes > 1 else ""
+        what = f"loss is not finite at step {step} (epoch {self.state.epoch}){where}: {text}"
+        if self.state.skipped_nonfinite >= cfg.skip_nonfinite:
+            allowance = (f"{self.state.skipped_nonfinite} non-finite step(s) skipped already, the most "
+                         f"--skip-nonfinite {cfg.skip_nonfinite} allows" if cfg.skip_nonfinite else
+                         "--skip-nonfinite N would skip up to N such steps")
+            raise NonFiniteLoss(f"{what}; the last good checkpoint is {self._last_good()} ({allowance})")
+        broken = self._nonfinite_tensors()
+        if self._count_processes(bool(broken)):
+            raise NonFiniteLoss(f"{what}; the model state is not finite either ({_names(broken)}), so skipping cannot "
+                                f"help; the last good checkpoint is {self._last_good()}")
+        self.state.skipped_nonfinite += 1
+        logger.warning("skipped step %d (%d of at most %d non-finite steps): %s", step, self.state.skipped_nonfinite,
+                       cfg.skip_nonfinite, what)
+        if self.acc.is_main_process:
+            json_terms = [{k: (v if math.isfinite(v) else str(v)) for k, v in t.items()} for t in terms]
+            row = {"step": step, "epoch": self.state.epoch, "skipped_nonfinite": self.state.skipped_nonfinite,
+                   "terms": json_terms if len(json_terms) > 1 else json_terms[0]}
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.acc.log({"skipped_nonfinite": self.state.skipped_nonfinite}, step=step)
+
+    def _loss_terms(self, out: dict) -> list[dict]:
+        """What the method returned (``loss`` and its other scalars), per process: ``[{name: float}]``."""
+        names = list(out)
+        values = torch.stack([out[k].detach().float().reshape(()) for k in names])[None]  # [1, T]
+        if self.acc.num_processes > 1:
+            values = self.acc.gather(values)  # [P, T]
+        return [dict(zip(names, row)) for row in values.tolist()]
+
+    def _nonfinite_tensors(self) -> list[str]:
+        """This process's parameters and buffers (key encoder, queue, BN statistics too) that hold NaN or inf."""
+        method = self.acc.unwrap_model(self.model)
+        named = list(method.named_parameters()) + list(method.named_buffers())
+        return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+    def _count_processes(self, flag) -> int:
+        """On how many processes ``flag`` holds (a collective when there are several: every process calls it)."""
+        t = torch.as_tensor(flag, dtype=torch.float32, device=self.acc.device)
+        if self.acc.num_processes > 1:
+            t = self.acc.reduce(t, "sum")
+        return int(t.item())
+
+    def _last_good(self) -> str:
+        ckpts = list_checkpoints(self.run_dir)
+        return str(ckpts[-1]) if ckpts else f"none yet (in {self.run_dir / CKPT_DIR})"
+
+    def _skipped_images_file(self) -> str:
+        if self.acc.num_processes == 1:
+            return "skipped_images.txt"
+        return f"skipped_images.rank{self.acc.process_index}.txt"
+
     def _record_skipped(self, reasons: list) -> None:
         """Unreadable images are dropped from their batch; each is logged and listed in the run directory."""
         if not reasons:
             return
         self.skipped_images += len(reasons)
-        name = "skipped_images.txt" if self.acc.num_processes == 1 else f"skipped_images.rank{self.acc.process_index}.txt"
-        with open(self.run_dir / name, "a") as f:
+        step = self.state.step + 1  # the step this batch is for, numbered as in metrics.jsonl
+        with open(self.run_dir / self._skipped_images_file(), "a") as f:
             for r in reasons:
-                logger.warning("skipped unreadable image at step %d: %s", self.state.step, r)
-                f.write(f"step {self.state.step}\t{r}\n")
+                logger.warning("skipped unreadable image at step %d: %s", step, r)
+                f.write(f"step {step}\t{r}\n")
 
     def export(self) -> Path:
         """Backbone alone, plain timm keys, beside timm's config.json (and the projection head, if any)."""
