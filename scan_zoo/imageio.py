@@ -1,7 +1,9 @@
 """Reading images from folders that real data sets fill: odd modes converted, broken files reported.
 
 Every image becomes 8-bit RGB: palette, grey, grey+alpha, RGBA, CMYK and 16-bit images are converted
-(16-bit values are scaled, not clipped). A file that cannot be decoded (truncated, zero bytes, not an
+(16-bit values are scaled, not clipped). A very large JPEG is decoded at a reduced scale (libjpeg's DCT
+scaling, 1/2 to 1/8) so that its shorter side stays at least ``MAX_SIDE`` pixels: training crops and
+resizes to a few hundred pixels anyway, and a 50-megapixel photo then costs memory and time like a small one. A file that cannot be decoded (truncated, zero bytes, not an
 image, a decompression bomb) raises :class:`UnreadableImage` naming the file; training skips such files,
 counts them and lists them in the run directory, or with ``--strict-data`` refuses the data set up front.
 """
@@ -11,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+MAX_SIDE = 2048  # large JPEGs are decoded at the smallest DCT scale whose shorter side is still >= this
 
 
 class UnreadableImage(Exception):
@@ -35,6 +38,10 @@ def rgb_loader(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
+            if img.format == "JPEG" and min(img.size) > 2 * MAX_SIDE:
+                w, h = img.size
+                scale = MAX_SIDE / min(w, h)
+                img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))  # shorter side stays >= MAX_SIDE
             img.load()
         return to_rgb(img)
     except _DECODE_ERRORS as e:

@@ -68,3 +68,22 @@ def test_training_skips_counts_and_lists_unreadable_images(tmp_path):
     assert listed.count("\n") == len(bad)  # each once per epoch, nothing else
     with pytest.raises(UserError, match="--strict-data"):
         run_training(build_config({**cfg.to_dict(), "strict_data": True, "output_dir": str(tmp_path / "strict")}))
+
+
+def test_a_very_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    from scan_zoo import imageio
+
+    path = tmp_path / "huge.jpg"
+    Image.new("RGB", (9000, 6000), (30, 60, 90)).save(path, quality=80)
+    img = rgb_loader(str(path))
+    assert img.mode == "RGB" and min(img.size) >= imageio.MAX_SIDE and img.size[0] < 9000
+    assert abs(img.size[0] / img.size[1] - 1.5) < 0.01  # aspect ratio kept
+    assert np.abs(np.asarray(img)[100, 100].astype(int) - (30, 60, 90)).max() <= 3
+
+
+def test_a_decompression_bomb_is_reported_as_unreadable(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice this
+    path = tmp_path / "bomb.png"
+    Image.new("RGB", (100, 100)).save(path)
+    with pytest.raises(UnreadableImage, match="bomb.png.*DecompressionBomb"):
+        rgb_loader(str(path))
