@@ -13,6 +13,7 @@ from .errors import UserError
 from .evaluation import extract_features, knn_classify, topk_accuracy
 from .mining import neighbors_for
 from .models import load_backbone
+from .probe import load_splits
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -45,12 +46,7 @@ def stage_recipe(stage: str) -> dict:
 def knn_evaluate(weights_dir: Path, cfg: TrainConfig, device: torch.device | str = "cpu") -> dict:
     """kNN top-1/top-5 on the val split, the train split as the memory bank, for exported weights."""
     root = data_lib.resolve_data_root(cfg.data, cfg.data_cache, progress=False)
-    train, val = data_lib.image_folder(root, "train"), data_lib.image_folder(root, "val")
-    if train.classes != val.classes:
-        only_val = sorted(set(val.classes) - set(train.classes))
-        only_train = sorted(set(train.classes) - set(val.classes))
-        raise UserError(f"train and val of {root} have different classes: only in val {only_val[:10]}, "
-                        f"only in train {only_train[:10]}")
+    train, val = load_splits(root)  # the same classes in both, or a clear error
     backbone, _ = load_backbone(str(weights_dir), arch=cfg.model)
     backbone = backbone.to(device)
     tf = data_lib.eval_transform(cfg.image_size, cfg.eval_resize)
