@@ -210,14 +210,23 @@ def find_entry(arch: Optional[str], tag: Optional[str]) -> Optional[ZooEntry]:
 
 
 # ------------------------------------------------------------------------------------------- the lock
+_LOCK_CACHE: dict = {}  # path -> ((mtime_ns, size), parsed lock): entries read the lock many times each
+
+
 def read_lock(path: Optional[Path] = None) -> dict:
     path = Path(path) if path else lock_path()
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"the zoo's lock file {path} is not valid JSON: {e}") from None
+    st = path.stat()
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _LOCK_CACHE.get(str(path))
+    if cached is None or cached[0] != stamp:
+        try:
+            cached = (stamp, json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise UserError(f"the zoo's lock file {path} is not valid JSON: {e}") from None
+        _LOCK_CACHE[str(path)] = cached
+    return json.loads(json.dumps(cached[1]))  # a copy: callers may modify what they get
 
 
 def record(name: str, facts: dict, path: Optional[Path] = None) -> Path:
@@ -228,4 +237,5 @@ def record(name: str, facts: dict, path: Optional[Path] = None) -> Path:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(dict(sorted(lock.items())), indent=2) + "\n")
     os.replace(tmp, path)
+    _LOCK_CACHE.pop(str(path), None)
     return path
