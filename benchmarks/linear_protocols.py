@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-cache", help="where 'digits' is rendered")
     p.add_argument("--arch", help="architecture of a weights file without config.json")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"both protocols (default: {d.epochs}, MoCo's)")
-    p.add_argument("--crop-scale-min", type=float, default=d.crop_scale_min,
-                   help=f"moco protocol's RandomResizedCrop lower scale (default: {d.crop_scale_min}, MoCo's)")
+    p.add_argument("--crop-scale-min", type=float,
+                   help="moco protocol's RandomResizedCrop lower scale (default: 0.08, MoCo's; 0.5 on digits)")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help=f"(default: {d.num_workers})")
     p.add_argument("--out", help="also write both results to this JSON file")
     return p

@@ -13,6 +13,7 @@ import torch
 from conftest import BIN, PYTHON, ROOT, make_image_folder, run_cli
 from scan_zoo import data as data_lib
 from scan_zoo import evaluation, probe
+from scan_zoo.errors import UserError
 from scan_zoo.models import create_backbone, data_config_for, export_backbone, load_backbone
 
 SIZE = 16
@@ -226,3 +227,14 @@ def test_two_processes_give_the_one_process_result(protocol, model_dir, tiny_dat
     assert [h["top1"] for h in r1["history"]] == [h["top1"] for h in r2["history"]]
     assert [h["loss"] for h in r1["history"]] == pytest.approx([h["loss"] for h in r2["history"]], rel=1e-4)
     assert r1["knn"] == r2["knn"]
+
+
+def test_moco_crop_scale_defaults_to_mocos_and_to_half_on_the_digits():
+    pre = {"image_size": 224, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    moco = probe.ProbeConfig(protocol="moco")
+    assert probe.resolve_config(moco, pre, "/data/imagenet").crop_scale_min == 0.08
+    assert probe.resolve_config(moco, pre, "digits").crop_scale_min == 0.5
+    given = probe.ProbeConfig(protocol="moco", crop_scale_min=0.2)
+    assert probe.resolve_config(given, pre, "digits").crop_scale_min == 0.2
+    with pytest.raises(UserError, match="crop scale"):
+        probe.ProbeConfig(protocol="moco", crop_scale_min=1.5).validate()
