@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import time
 from datetime import date
 from pathlib import Path
 from typing import Optional
@@ -41,11 +43,38 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def verify_sha256(path: str | Path, expected: str, what: str) -> None:
-    actual = sha256_file(path)
+#: files whose sha256 this process has checked: (path, device, inode, size, mtime_ns, ctime_ns) -> sha256.
+#: Any write to a file changes its ctime (which no user call can set back) and so its key: a changed file
+#: is hashed again. Only files last changed VERIFIED_MIN_AGE_S before they were hashed are remembered, so a
+#: write landing in the same timestamp tick as the check cannot hide behind an unchanged key.
+_VERIFIED: dict = {}
+VERIFIED_MIN_AGE_S = 2.0
+#: weights up to this size are read once: the bytes hashed are the bytes deserialised (larger files are hashed
+#: in blocks and memory-mapped: one fresh buffer of 100 MB costs more in page faults than a second read)
+READ_ONCE_MAX_BYTES = 32 << 20
+
+
+def _file_key(path: str | Path) -> tuple:
+    st = os.stat(path)
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def verify_sha256(path: str | Path, expected: str, what: str, read: bool = False) -> Optional[bytes]:
+    """Raise unless the file's sha256 is ``expected``; a file unchanged since this process checked it is not
+    hashed again (loading the same weights twice costs one hash). With ``read``, a file that is hashed is
+    read whole and its checked bytes are returned (None when it was not read)."""
+    key = _file_key(path)
+    if _VERIFIED.get(key) == expected:
+        return None
+    started_ns = time.time_ns()
+    data = Path(path).read_bytes() if read else None
+    actual = sha256_file(path) if data is None else hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise UserError(f"sha256 mismatch for {what} ({path}): expected {expected}, got {actual}. The file is not "
                         "the one the zoo recorded (altered, truncated or replaced); delete it and download it again")
+    if key[5] < started_ns - VERIFIED_MIN_AGE_S * 1e9 and _file_key(path) == key:
+        _VERIFIED[key] = actual
+    return data
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -91,15 +120,15 @@ def weights_path(entry: ZooEntry, cache_dir: Optional[str] = None) -> Path:
 
 def load_verified(entry: ZooEntry, cache_dir: Optional[str] = None) -> dict:
     """The entry's backbone state dict, after its sha256 was checked against the lock file."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     path = weights_path(entry, cache_dir)
     expected = entry.facts.get("sha256")
     if not expected:
         raise UserError(f"the zoo records no sha256 for {entry.name}: refusing to load unverified weights "
                         "(the lock file zoo_lock.json lacks it)")
-    verify_sha256(path, expected, entry.name)
-    return load_file(str(path))
+    data = verify_sha256(path, expected, entry.name, read=path.stat().st_size <= READ_ONCE_MAX_BYTES)
+    return load(data) if data is not None else load_file(str(path))
 
 
 # -------------------------------------------------------------------------------------------- export

@@ -3,7 +3,9 @@
 ``Sim(i, j) = 1[y_i == y_j] * (a_i . a_j + 1) / 2`` with ``a`` the L2-normalised pooled features of a
 label-free model. Each image's positives are the top-K ``j != i`` by ``Sim`` with ``Sim > 0``: its K
 nearest images of the same class. Mining goes class by class, so memory is bounded by the largest
-class's Gram matrix (about 1,300 x 1,300 on ImageNet-1K), never N x N.
+class's Gram matrix (about 1,300 x 1,300 on ImageNet-1K), never N x N. The features may be a memory-mapped
+array (``numpy.load(path, mmap_mode="r")``, float16 is fine): only one class's rows are read at a time, so
+ImageNet's 1.28M x 2048 features (5.2 GB in float16) are mined without holding them in memory.
 
 The table is saved as safetensors with its provenance (appearance model, K, image and class counts, a
 fingerprint of the file list), and :func:`load_neighbors` refuses a table mined for another data set.
@@ -14,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -24,14 +26,55 @@ from .errors import UserError
 FORMAT = "scan_zoo.neighbors/1"
 
 
+def _unit_rows(features, members: torch.Tensor) -> torch.Tensor:
+    """Rows ``members`` (ascending) of ``[N, D]`` features, L2-normalised, as a new float32 ``[m, D]`` tensor.
+
+    A tensor is indexed; an array (a ``numpy.memmap``) is read only there: one slice when the class's rows
+    are contiguous (ImageFolder order), else a gather of its rows. Conversion and normalisation (as
+    ``F.normalize``) run in numpy, on one thread: on a shared 2-core machine these memory-bound passes took
+    4x longer split over torch's OpenMP threads (benchmarks/RESULTS.md, mining).
+    """
+    if isinstance(features, torch.Tensor):
+        rows = features[members].float().cpu().numpy()  # [m, D] a copy (indexing copies)
+    else:
+        lo, hi = int(members[0]), int(members[-1]) + 1
+        rows = features[lo:hi] if hi - lo == len(members) else features[members.numpy()]
+        rows = np.array(rows, dtype=np.float32)  # [m, D] a writable copy, converted while read
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))  # [m]
+    rows /= np.maximum(norms, np.float32(1e-12))[:, None]
+    return torch.from_numpy(rows)
+
+
+def _top_k(gram: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``kk`` largest entries of each row, in decreasing order, equal values by increasing column.
+
+    The same as a stable descending sort cut at ``kk`` (the slow reference, ~10x the cost of the Gram
+    product it follows), from one ``topk(kk + 1)``: where the (kk+1)-th value is below the kk-th, the set
+    is exact and only its order among equal values is fixed here; rows with a tie across the cut (rare
+    outside duplicated images) fall back to the stable sort. ``kk < gram.shape[1]``.
+    """
+    val, pos = torch.topk(gram, kk + 1, dim=1)  # [c, kk + 1] values descending; order of equal values unspecified
+    cut = val[:, kk] == val[:, kk - 1]  # [c] a tie across the cut: which of them is chosen matters
+    val, pos = val[:, :kk], pos[:, :kk]
+    by_pos = pos.argsort(dim=1)  # equal values to increasing column: order by column, then a stable sort by value
+    val, pos = val.gather(1, by_pos), pos.gather(1, by_pos)
+    by_val = val.sort(dim=1, descending=True, stable=True).indices
+    val, pos = val.gather(1, by_val), pos.gather(1, by_val)
+    if cut.any():
+        v, p = torch.sort(gram[cut], dim=1, descending=True, stable=True)
+        val[cut], pos[cut] = v[:, :kk], p[:, :kk]
+    return val, pos
+
+
 @torch.no_grad()
-def mine_neighbors(features: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 4096,
+def mine_neighbors(features, labels: torch.Tensor, k: int, chunk: int = 4096,
                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class top-K neighbours by cosine similarity.
 
     Args:
-        features: ``[N, D]`` appearance features (any float dtype; normalised here).
-        labels: ``[N]`` integer class labels.
+        features: ``[N, D]`` appearance features: a tensor, or an array such as ``numpy.load(path,
+            mmap_mode="r")`` read one class at a time (any float dtype; normalised here in float32).
+        labels: ``[N]`` integer class labels, in any order.
         k: neighbours per image.
         chunk: rows of a class's Gram matrix computed at once (bounds memory for huge classes).
     Returns:
@@ -55,14 +98,12 @@ def mine_neighbors(features: torch.Tensor, labels: torch.Tensor, k: int, chunk: 
         kk = min(k, m - 1)
         if kk <= 0:
             continue
-        feats = F.normalize(features[members].float(), dim=1)  # [m, D]
+        feats = _unit_rows(features, members)  # [m, D] float32, unit rows
         for lo in range(0, m, chunk):
             hi = min(lo + chunk, m)
             gram = feats[lo:hi] @ feats.T  # [c, m] cosine similarities
             gram[torch.arange(hi - lo), torch.arange(lo, hi)] = float("-inf")  # j != i
-            # ties: topk on (sim, -position) made exact by a stable sort
-            val, pos = torch.sort(gram, dim=1, descending=True, stable=True)
-            val, pos = val[:, :kk], pos[:, :kk]  # [c, kk]
+            val, pos = _top_k(gram, kk)  # [c, kk] ties to the lower position
             sim_a = (val + 1) / 2  # Eq. 3
             keep = sim_a > 0  # Eq. 4: only neighbours with non-zero similarity
             indices[members[lo:hi], :kk] = torch.where(keep, members[pos], torch.full_like(pos, -1))

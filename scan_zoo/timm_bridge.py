@@ -81,6 +81,8 @@ def install_loader_hook() -> None:
     """
     from timm.models import _builder
 
+    from . import hub  # imported with the package, not inside the first load (which is what users time)
+
     original = getattr(_builder, "load_pretrained", None)
     if not callable(original):
         raise RuntimeError("timm.models._builder.load_pretrained is gone: scan_zoo cannot verify zoo weights; "
@@ -95,9 +97,7 @@ def install_loader_hook() -> None:
         if cfg.get("source") not in ("hf-hub", "local-dir"):
             entry = find_entry(cfg.get("architecture"), cfg.get("tag"))
         if entry is not None:
-            from .hub import load_verified
-
-            state = load_verified(entry, cache_dir=kwargs.get("cache_dir"))
+            state = hub.load_verified(entry, cache_dir=kwargs.get("cache_dir"))
             cfg = {**cfg, "state_dict": state, "file": None, "hf_hub_id": None}
         return original(model, cfg, *args, **kwargs)
 

@@ -87,3 +87,43 @@ def test_provenance_round_trip_and_refusal(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a table")
     with pytest.raises(UserError, match="not a neighbour file"):
         load_neighbors(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("order", ["by_class", "shuffled"])
+def test_a_memory_mapped_file_gives_the_table_of_the_tensor(tmp_path, dtype, order):
+    """The memmap path (one slice per class when rows are grouped by class, a gather otherwise) reads
+    the same numbers as the in-memory tensor and so gives the same table, bit for bit."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    if order == "by_class":
+        labels = labels.sort().values
+    feats = (torch.randn(5, 16, generator=g)[labels] + torch.randn(300, 16, generator=g)).to(getattr(torch, dtype))
+    path = tmp_path / "features.npy"
+    np.save(path, feats.numpy())
+    mapped = np.load(path, mmap_mode="r")
+    for k, chunk in ((1, 4096), (3, 4096), (2, 7)):
+        want = mine_neighbors(feats, labels, k, chunk=chunk)
+        got = mine_neighbors(mapped, labels, k, chunk=chunk)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    idx, _ = mine_neighbors(mapped, labels.numpy(), 2)  # labels as an array too
+    assert torch.equal(idx, mine_neighbors(feats, labels, 2)[0])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_top_k_equals_the_stable_sort_it_replaces(seed):
+    """``_top_k`` against the reference it replaced: a stable descending sort cut at kk, on rows full of
+    exact ties (small integers), ties across the cut included."""
+    from scan_zoo.neighbors import _top_k
+
+    g = torch.Generator().manual_seed(seed)
+    cols = int(torch.randint(2, 40, (1,), generator=g))
+    gram = torch.randint(-3, 4, (25, cols), generator=g).float()
+    gram[torch.rand(25, cols, generator=g) < 0.1] = float("-inf")
+    gram[:, 0] = 5.0  # at least one finite value per row
+    for kk in range(1, cols):
+        val, pos = _top_k(gram, kk)
+        ref_val, ref_pos = torch.sort(gram, dim=1, descending=True, stable=True)
+        assert torch.equal(pos, ref_pos[:, :kk]) and torch.equal(val, ref_val[:, :kk]), kk

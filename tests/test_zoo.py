@@ -1,5 +1,6 @@
 """The zoo's registry inside timm: tags, explicit preprocessing, recipe-only entries, verified loading, export."""
 import json
+import time
 
 import pytest
 import timm
@@ -176,6 +177,35 @@ def test_shipped_weights_load_verified_and_a_tampered_copy_is_refused(tmp_path, 
         timm.create_model(entry.name, pretrained=True)
 
 
+def test_a_file_changed_after_a_remembered_check_is_hashed_again(tmp_path, monkeypatch):
+    """The per-process memory of checked files: same size, new content -> hashed again and refused."""
+    from scan_zoo import hub
+
+    monkeypatch.setattr(hub, "_VERIFIED", {})
+    monkeypatch.setattr(hub, "VERIFIED_MIN_AGE_S", 0.05)
+    hashed = []
+    monkeypatch.setattr(hub, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"a" * 1000)
+    good = sha256_file(path)
+    hub.verify_sha256(path, good, "fresh")
+    hub.verify_sha256(path, good, "fresh")
+    assert len(hashed) == 2  # changed within VERIFIED_MIN_AGE_S of the check: not remembered
+    time.sleep(0.1)
+    hub.verify_sha256(path, good, "old enough")
+    hub.verify_sha256(path, good, "old enough")
+    assert len(hashed) == 3  # remembered: the second check read nothing
+    with open(path, "r+b") as f:  # same size, one byte changed, in place (same inode)
+        f.seek(500)
+        f.write(b"b")
+    with pytest.raises(UserError, match="sha256 mismatch for changed"):
+        hub.verify_sha256(path, good, "changed")
+    assert len(hashed) == 4
+    path.write_bytes(b"a" * 1000)  # the original content back: still hashed before it is trusted
+    hub.verify_sha256(path, good, "restored")
+    assert len(hashed) == 5
+
+
 def test_weights_without_a_recorded_sha256_are_refused(tmp_path, monkeypatch, lock):
     run, _ = _fake_run(tmp_path)
     monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path / "weights")
@@ -209,3 +239,29 @@ def test_readme_zoo_table_is_generated_from_the_registry():
 def test_public_api():
     assert scan_zoo.list_models("*scan_in1k") == [e.name for e in registry.ENTRIES if e.tag == "scan_in1k"]
     assert scan_zoo.get_entry("resnet50.scan_in1k").recipe == "configs/scan_in1k.yaml"
+
+
+def test_a_small_file_is_read_once_and_its_checked_bytes_are_the_ones_loaded(tmp_path, monkeypatch, lock):
+    from scan_zoo import hub
+
+    run, model = _fake_run(tmp_path)
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setattr(hub, "_VERIFIED", {})
+    entry = registry.get_entry("test_resnet.scan_digits")
+    out = export(run, entry.name, entry.weights_dir)
+    registry.record(entry.name, {"sha256": sha256_file(out / "model.safetensors")})
+    monkeypatch.setattr(hub, "load_file", None, raising=False)  # not used by the one-read path
+    read_once = hub.load_verified(entry)
+    monkeypatch.setattr(hub, "READ_ONCE_MAX_BYTES", 0)  # the block-hash + memory-map path
+    mapped = hub.load_verified(entry)
+    assert read_once.keys() == mapped.keys() == model.state_dict().keys()
+    assert all(torch.equal(read_once[k], mapped[k]) for k in read_once)
+    assert hub.verify_sha256(out / "model.safetensors", sha256_file(out / "model.safetensors"), "x", read=True)
+    with open(out / "model.safetensors", "r+b") as f:  # tampered: refused on the one-read path too
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))
+    monkeypatch.setattr(hub, "READ_ONCE_MAX_BYTES", 1 << 30)
+    with pytest.raises(UserError, match="sha256 mismatch for test_resnet.scan_digits"):
+        hub.load_verified(entry)
