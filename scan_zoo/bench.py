@@ -6,7 +6,14 @@ every seed, SCAN starting from -- and mining its neighbours with -- the same see
 (the head seeds are the run's seed). It prints a table shaped like the paper's Table 1 (rows = tasks,
 columns = methods, cells = mean +- sample standard deviation over seeds), and writes ``results.json``
 (every per-seed number, the recipes, the equivalent ``train.py`` commands, timings, date) and
-``transfer.png`` (grouped bars, error bars = one standard deviation).
+``transfer.png`` (grouped bars, error bars = one standard deviation). DSC (label-free, dense) trains from
+random weights like MoCo and is a fifth column.
+
+``--merge RESULTS`` adds the methods named by ``--methods`` to a finished ``results.json`` (for example the
+committed ``results/transfer_digits.json``): that file's runs of every other method are kept as recorded,
+neither trained nor scored again (their run directories need not exist any more), and the merged result is
+written to ``OUT/results.json`` and ``OUT/transfer.png``. Seeds, ``--quick`` and the transfer settings must be
+the ones the file was made with, so every column is measured alike.
 
 ``bench k-ablation`` trains SCAN from one MoCo run for each K and scores each:
 
@@ -47,15 +54,16 @@ from .transfer import TASKS, TransferConfig
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("supervised", "moco", "supcon", "scan")  # the order of the paper's columns: FSup, MoCo, (SCL), SCAN
-TRAIN_ORDER = ("moco", "scan", "supcon", "supervised")  # SCAN needs its seed's MoCo run first
-LABELS = {"supervised": "FSup", "moco": "MoCo-v2", "supcon": "SupCon", "scan": "SCAN"}
+METHODS = ("supervised", "moco", "supcon", "scan", "dsc")  # the paper's columns: FSup, MoCo, (SCL), SCAN; then DSC
+TRAIN_ORDER = ("moco", "scan", "supcon", "supervised", "dsc")  # SCAN needs its seed's MoCo run first
+LABELS = {"supervised": "FSup", "moco": "MoCo-v2", "supcon": "SupCon", "scan": "SCAN", "dsc": "DSC"}
 RECIPE = "digits_{}.yaml"
 QUICK_STEPS = 3  # optimiser steps per method under --quick
 RUN_DONE = "bench_run.json"
 SCORES_FILE = "transfer_scores.json"
 MACHINE_KEYS = ("resume", "num_workers")  # config fields that do not change what is trained
-COLOURS = {"supervised": (120, 120, 120), "moco": (66, 133, 244), "supcon": (244, 160, 0), "scan": (219, 68, 55)}
+COLOURS = {"supervised": (120, 120, 120), "moco": (66, 133, 244), "supcon": (244, 160, 0), "scan": (219, 68, 55),
+           "dsc": (15, 157, 88)}
 TASK_COLOURS = [(66, 133, 244), (219, 68, 55), (15, 157, 88), (171, 71, 188)]
 
 
@@ -248,14 +256,18 @@ def format_table(summary: dict, methods: Sequence[str]) -> str:
 def run_transfer_bench(methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2),
                        out: str | Path = "runs/bench/transfer", recipes_dir: str | Path = "configs",
                        quick: bool = False, data_cache: Optional[str] = None, num_workers: int = 2,
-                       command: Optional[str] = None) -> dict:
-    """Train, score and summarise (see the module docstring). Returns what ``results.json`` holds."""
+                       command: Optional[str] = None, merge: Optional[str | Path] = None) -> dict:
+    """Train, score and summarise (see the module docstring). Returns what ``results.json`` holds.
+
+    ``merge``: a finished ``results.json`` whose runs of the methods not in ``methods`` are kept as they are.
+    """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         raise UserError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     methods = [m for m in METHODS if m in methods]
     seeds = list(dict.fromkeys(int(s) for s in seeds))[:1 if quick else None]
     out = Path(out)
+    base = _merge_base(merge, methods, seeds, quick, num_workers) if merge is not None else None
     needed = [m for m in TRAIN_ORDER if m in methods or (m == "moco" and "scan" in methods)]
     recipes = {m: recipe_file(recipes_dir, m) for m in needed}
     from .config import load_yaml
@@ -271,6 +283,17 @@ def run_transfer_bench(methods: Sequence[str] = METHODS, seeds: Sequence[int] = 
               "seeds": seeds, "tasks": [{"key": k, "task": t, "metric": m} for k, t, m in TASKS],
               "recipes": {m: recipe_record(p) for m, p in recipes.items()},
               "transfer_settings": tcfg.to_dict(), "machine": _machine(), "runs": []}
+    shown = methods  # the columns of the table: these methods, and with --merge the file's others
+    if base is not None:
+        kept = [r for r in base["runs"] if r["method"] not in methods]
+        shown = [m for m in METHODS if m in methods or m in base.get("methods", [])]
+        result.update(methods=shown,
+                      command=f"{base.get('command')}; then {command}", runs=kept,
+                      recipes={**{m: r for m, r in (base.get("recipes") or {}).items() if m not in methods},
+                               **result["recipes"]},
+                      merged_from={"path": str(merge), "date": base.get("date"), "command": base.get("command"),
+                                   "machine": base.get("machine"), "total_seconds": base.get("total_seconds"),
+                                   "methods_kept": [m for m in shown if m not in methods]})
     for seed in seeds:
         moco_dir = None
         for method in needed:
@@ -293,16 +316,43 @@ def run_transfer_bench(methods: Sequence[str] = METHODS, seeds: Sequence[int] = 
             else:
                 entry["note"] = "trained only as SCAN's stage 0 (not among --methods)"
             result["runs"].append(entry)
-            result["summary"] = summarise(result["runs"], methods)
+            result["summary"] = summarise(result["runs"], shown)
             result["winners"] = winners(result["summary"])
             result["total_seconds"] = time.perf_counter() - start
             _write_json(out / "results.json", result)  # partial results survive an interruption
-    chart = transfer_chart(result["summary"], methods, title=_chart_title(result))
+    chart = transfer_chart(result["summary"], shown, title=_chart_title(result))
     chart.save(out / "transfer.png")
     result["chart"] = str(out / "transfer.png")
     result["total_seconds"] = time.perf_counter() - start
     _write_json(out / "results.json", result)
     return result
+
+
+def _merge_base(path: str | Path, methods: Sequence[str], seeds: list[int], quick: bool, num_workers: int) -> dict:
+    """The ``results.json`` to merge into, refused unless it was measured the way this run will be."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--merge {path}: no such results file")
+    try:
+        base = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"--merge {path} is not valid JSON: {e}") from None
+    if base.get("kind") != "transfer" or not isinstance(base.get("runs"), list):
+        raise UserError(f"--merge {path} is not the results.json of `scan-zoo bench transfer`")
+    if sorted(base.get("seeds", [])) != sorted(seeds):
+        have = " ".join(map(str, base.get("seeds", [])))
+        raise UserError(f"--merge {path} has seeds {base.get('seeds')}; run with --seeds {have}")
+    if bool(base.get("quick")) != quick:
+        raise UserError(f"--merge {path} was {'' if base.get('quick') else 'not '}a --quick run; this one must match")
+    want = TransferConfig.quick(num_workers=num_workers) if quick else TransferConfig(num_workers=num_workers)
+    have = {k: v for k, v in (base.get("transfer_settings") or {}).items() if k in _settings_key(want)}
+    want = json.loads(json.dumps(_settings_key(want)))  # tuples as lists, as in the file
+    if have != want:
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        raise UserError(f"--merge {path} was scored with other transfer settings (differ in {diff})")
+    if not [r for r in base["runs"] if r["method"] not in methods]:
+        raise UserError(f"--merge {path} holds no run of a method other than {list(methods)}: nothing to keep")
+    return base
 
 
 def _details(scores: dict) -> dict:
@@ -640,6 +690,14 @@ def readme_results_section(transfer_json, kablation_json=None) -> str:
                            + (f" ({', '.join(rest)})" if rest else "") + ".")
             else:
                 out.append(f"- On {task}, SCAN ({scan:.2f}) beats {names} ({ref_text}).")
+    if "dsc" in methods and "moco" in methods:
+        out += ["", "DSC is MoCo-v2 plus a pixel and a pixel-category term, label-free, at the same budget:", ""]
+        for key, task, _ in TASKS:
+            cells = summary.get(key, {})
+            if "dsc" in cells and "moco" in cells:
+                dsc, moco = cells["dsc"]["mean"], cells["moco"]["mean"]
+                out.append(f"- On {task}, DSC ({dsc:.2f}) {'beats' if dsc > moco else 'does not beat'} "
+                           f"MoCo-v2 ({moco:.2f}).")
     if ka:
         out += ["", "### SCAN's K ablation (the paper's Fig. 3 in miniature)", ""]
         if ka.get("quick"):
@@ -668,9 +726,12 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks on the digit scenes: transfer suite (Table 1), K ablation (Fig. 3)")
     sub = p.add_subparsers(dest="bench", required=True)
     t = sub.add_parser("transfer", help="train every method for every seed, score the transfer suite, table + chart")
-    t.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods (default: all four)")
+    t.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods (default: all five)")
     t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training and head seeds (default 0 1 2)")
     t.add_argument("--out", default="runs/bench/transfer", help="run directories, results.json, transfer.png")
+    t.add_argument("--merge", default=None, metavar="RESULTS_JSON",
+                   help="add --methods to this finished results.json (its other methods kept, not retrained); "
+                        "the merged result goes to OUT")
     _common(t)
     t.set_defaults(func=_cmd_transfer)
     k = sub.add_parser("k-ablation", help="SCAN at several K from one MoCo run, equal budgets; scores + line plot")
@@ -710,9 +771,9 @@ def _cmd_transfer(args) -> int:
     _logging()
     command = _command(args, "transfer", {"--methods": args.methods, "--seeds": args.seeds, "--out": args.out,
                                           "--recipes-dir": args.recipes_dir, "--quick": args.quick,
-                                          "--data-cache": args.data_cache})
+                                          "--data-cache": args.data_cache, "--merge": args.merge})
     result = run_transfer_bench(args.methods, args.seeds, args.out, args.recipes_dir, args.quick, args.data_cache,
-                                args.num_workers, command)
+                                args.num_workers, command, merge=args.merge)
     print(f"\nTransfer on the digit scenes ({len(result['seeds'])} seed(s){', QUICK' if result['quick'] else ''}); "
           "mean +- std over seeds, * = best:")
     print(format_table(result["summary"], result["methods"]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .registry import ENTRIES, METHOD_NAMES, ZooEntry
 
-WHICH_SCAN = ("This SCAN is **Supervised Contrastive Adjustment in Neighborhood** (Wei et al., 2020): MoCo-v2 "
+WHICH_SCAN = ("scan_zoo's SCAN is **Supervised Contrastive Adjustment in Neighborhood** (Wei et al., 2020): MoCo-v2 "
               "contrastive pretraining in which each image's positives are the images of its own class that are "
               "also among its K nearest neighbours in a label-free feature space. It is **not** \"SCAN: Learning "
               "to Classify Images without Labels\" (Van Gansbeke et al., 2020), the clustering method with the "
@@ -87,7 +87,8 @@ tags:
 # {entry.name}
 
 A {entry.arch} backbone pretrained with **{METHOD_NAMES[entry.method]}** by
-scan_zoo. Backbone only: pooled features, no classifier.
+scan_zoo{"" if entry.method == "scan" else " (this model is not SCAN: it is one of the methods SCAN is compared with)"}.
+Backbone only: pooled features, no classifier.
 
 {WHICH_SCAN}
 

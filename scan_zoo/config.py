@@ -16,7 +16,7 @@ import yaml
 
 from .errors import UserError
 
-METHODS = ("pipeline", "supervised", "moco", "supcon", "scan")
+METHODS = ("pipeline", "supervised", "moco", "supcon", "scan", "dsc")
 
 
 @dataclass
@@ -24,7 +24,7 @@ class TrainConfig:
     """Everything a training run depends on. Field comments are the command-line help."""
 
     # what to train
-    method: str = "pipeline"  # pipeline (MoCo-v2 -> mining -> SCAN), supervised, moco, supcon or scan
+    method: str = "pipeline"  # pipeline (MoCo-v2 -> mining -> SCAN), supervised, moco, supcon, scan or dsc
     model: str = "test_resnet"  # any timm architecture, built with num_classes=0
     data: str = "digits"  # an ImageFolder root (with train/ and val/) or 'digits' (the embedded digit scenes)
     data_cache: Optional[str] = None  # where 'digits' is rendered (default: ~/.cache/scan_zoo/digits)
@@ -56,6 +56,21 @@ class TrainConfig:
     denominator: str = "all"  # 'all' (degenerates to MoCo/SupCon) or 'negatives' (Eq. 6 read literally)
     in_batch_negatives: bool = True  # other pseudo-classes in the batch are negatives (Eq. 6)
 
+    # DSC (Dense Semantic Contrast, label-free; the abstract gives no value: each default says why it is this one)
+    dsc_feature_layer: Optional[int] = None  # dense terms' map: index into the backbone's feature_info (-1 = last, DSC's); default: the deepest map >= 4x4 at image_size (ResNet-50 at 224: the last; test_resnet at 32 px: layer2, its last is 1x1)
+    dsc_dense_dim: int = 128  # output channels of the dense 1x1-conv head (DenseCL's 128, as the global head)
+    dsc_queue_size: Optional[int] = None  # dense-queue length (one entry per image: its mean dense key); default queue_size, as in DenseCL
+    dsc_topk: int = 1  # positives per query pixel: the k key pixels of most similar backbone feature (1 = DenseCL's argmax)
+    dsc_assign: str = "kmeans"  # pixel categories: 'kmeans' (DSC-KM; default, no extra parameters) or 'prototypes' (DSC-PM, Sinkhorn)
+    dsc_clusters: int = 16  # pixel categories per step; far fewer than a batch's images, so categories span images (digits: 10 + ground)
+    dsc_kmeans_iters: int = 10  # DSC-KM Lloyd iterations, fixed (no convergence test: same result on every process and resume)
+    dsc_sinkhorn_iters: int = 3  # DSC-PM Sinkhorn-Knopp iterations (SwAV's 3)
+    dsc_sinkhorn_eps: float = 0.05  # DSC-PM entropy regularisation of the balanced assignment (SwAV's 0.05)
+    dsc_pixel_samples: int = 512  # query pixels per process in the category loss; bounds its S x (S x processes) logits
+    dsc_weight_instance: float = 1.0  # weight of the instance (MoCo-v2) term; 1 so DSC with both dense weights 0 is MoCo
+    dsc_weight_pixel: float = 1.0  # weight of the pixel term; DenseCL weighs its dense term equal to its global one
+    dsc_weight_category: float = 1.0  # weight of the pixel-category term; no published value, so equal to the others
+
     # images and augmentation (MoCo-v2, sizes scaled to image_size)
     image_size: int = 32  # training crop size
     eval_resize: Optional[int] = None  # resize before the centre crop for evaluation (default: image_size / 0.875)
@@ -69,6 +84,7 @@ class TrainConfig:
     strict_data: bool = False  # decode every training image first and stop at the first unreadable one
     skip_nonfinite: int = 0  # steps with a NaN/inf loss to skip (each logged, no optimiser step) before stopping
     num_workers: int = 2  # DataLoader workers per process
+    decode: str = "cpu"  # where training images are decoded and augmented: 'cpu' (PIL in the loader workers) or 'device' (torchvision.io + batched tensor ops on the training device; non-JPEG files are decoded by the workers)
     log_every_steps: int = 10  # log metrics every this many steps
     save_every_epochs: int = 1  # checkpoint every this many epochs (and at the end)
     save_every_steps: Optional[int] = None  # also checkpoint every this many steps
@@ -86,12 +102,15 @@ class TrainConfig:
             raise UserError(f"denominator must be 'all' or 'negatives', not {self.denominator!r}")
         for name in ("batch_size", "epochs", "queue_size", "proj_dim", "image_size", "log_every_steps",
                      "save_every_epochs", "keep_checkpoints", "key_bn_splits", "knn_k",
-                     "max_steps", "save_every_steps", "stop_after_steps"):  # the last three may be unset
+                     "dsc_dense_dim", "dsc_topk", "dsc_kmeans_iters", "dsc_sinkhorn_iters", "dsc_pixel_samples",
+                     "dsc_queue_size", "max_steps", "save_every_steps", "stop_after_steps"):  # the last four may be unset
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{name} must be at least 1, not {value}")
         if self.num_workers < 0:
             raise UserError("num_workers cannot be negative")
+        if self.decode not in ("cpu", "device"):
+            raise UserError(f"decode must be 'cpu' or 'device', not {self.decode!r}")
         if self.skip_nonfinite < 0:
             raise UserError(f"skip_nonfinite cannot be negative, not {self.skip_nonfinite}")
         if self.temperature <= 0 or self.knn_temperature <= 0:
@@ -100,6 +119,15 @@ class TrainConfig:
             raise UserError(f"key_momentum must lie in [0, 1], not {self.key_momentum}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, not {self.lr}")
+        if self.dsc_assign not in ("kmeans", "prototypes"):
+            raise UserError(f"dsc_assign must be 'kmeans' (DSC-KM) or 'prototypes' (DSC-PM), not {self.dsc_assign!r}")
+        if self.dsc_clusters < 2:
+            raise UserError(f"dsc_clusters must be at least 2, not {self.dsc_clusters}")
+        if self.dsc_sinkhorn_eps <= 0:
+            raise UserError(f"dsc_sinkhorn_eps must be positive, not {self.dsc_sinkhorn_eps}")
+        dsc_weights = (self.dsc_weight_instance, self.dsc_weight_pixel, self.dsc_weight_category)
+        if min(dsc_weights) < 0 or sum(dsc_weights) == 0:
+            raise UserError(f"DSC's loss weights (instance, pixel, category) must be >= 0 and not all 0, not {dsc_weights}")
         if self.k < -1:
             raise UserError("k must be >= 0, or -1 for every same-class image")
         if self.k == -1 and self.method == "scan":

@@ -94,6 +94,21 @@ def train_transform(cfg: TrainConfig):
     return data_lib.MultiView(t, num_views(cfg.method))
 
 
+def train_loader(cfg: TrainConfig, base, sampler: data_lib.NeighborBatchSampler, device: torch.device):
+    """The training DataLoader, and for ``--decode device`` the callable that turns its batches into views on
+    ``device`` (:class:`scan_zoo.device_data.DeviceViews`; None for ``--decode cpu``). benchmarks/data.py uses it too."""
+    transform = train_transform(cfg)
+    pin = torch.device(device).type == "cuda"
+    data_lib.cache_small_dataset(base)  # the digit scenes: decoded once per worker, not once per epoch
+    if cfg.decode == "device":
+        from . import device_data
+
+        loader = data_lib.make_loader(device_data.EncodedViews(base, transform), sampler, cfg.num_workers,
+                                      pin_memory=pin, collate_fn=device_data.collate_encoded)
+        return loader, device_data.DeviceViews(transform)
+    return data_lib.make_loader(data_lib.SeededViews(base, transform), sampler, cfg.num_workers, pin_memory=pin), None
+
+
 def eval_dataset(cfg: TrainConfig, base) -> data_lib.EvalImages:
     return data_lib.EvalImages(base, data_lib.eval_transform(cfg.image_size, cfg.eval_resize))
 
@@ -253,6 +268,8 @@ class Trainer:
                 raise UserError(f"unreadable training image (--strict-data): {e}") from None
         if cfg.method != "supervised" and cfg.queue_size >= n:
             raise UserError(f"queue_size {cfg.queue_size} must be smaller than the {n} training images")
+        if cfg.method == "dsc" and cfg.dsc_queue_size is not None and cfg.dsc_queue_size >= n:
+            raise UserError(f"dsc_queue_size {cfg.dsc_queue_size} must be smaller than the {n} training images")
 
         self.backbone = create_backbone(cfg.model)
         if cfg.method == "scan":
@@ -268,9 +285,7 @@ class Trainer:
         self.sampler = data_lib.NeighborBatchSampler(n, anchors, neighbors if cfg.method == "scan" else None,
                                                      rank=acc.process_index, world_size=acc.num_processes,
                                                      seed=cfg.seed)
-        dataset = data_lib.SeededViews(self.train_base, train_transform(cfg))
-        self.loader = data_lib.make_loader(dataset, self.sampler, cfg.num_workers,
-                                           pin_memory=acc.device.type == "cuda")
+        self.loader, self.device_views = train_loader(cfg, self.train_base, self.sampler, acc.device)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
@@ -437,6 +452,8 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):  # a new loader iterator draws a seed from the global RNG:
                 batches = iter(self.loader)  # kept out of it, or a resume mid-epoch would draw it twice
             for batch in batches:
+                if self.device_views is not None:  # --decode device: decode and augment here, on the device
+                    batch = self.device_views(batch, acc.device)
                 self._record_skipped(batch.pop("skipped"))
                 batch = {k: ([t.to(acc.device, non_blocking=True) for t in v] if k == "views"
                              else v.to(acc.device)) for k, v in batch.items()}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 
 def masked_info_nce(logits: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor | None = None,
-                    denominator: str = "all") -> torch.Tensor:
+                    denominator: str = "all", negatives: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-positive InfoNCE, averaged over the anchors that have at least one positive.
 
     For anchor i with positive set P(i) and negative set N(i) (entries in neither are ignored):
@@ -30,6 +30,10 @@ def masked_info_nce(logits: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torc
         neg_mask: ``[B, M]`` bool, True where entry j is a negative of anchor i; default ``~pos_mask``.
             An entry may not be both.
         denominator: ``"all"`` or ``"negatives"``.
+        negatives: optional ``[B, L]`` logits that are negatives of every anchor (MoCo's and SCAN's queue):
+            the loss of ``torch.cat([logits, negatives], 1)`` with those columns negative everywhere, computed
+            without building ``[B, M + L]`` masks and log-probabilities (with L = 65,536 that was 15 % of a
+            MoCo step on the CPU benchmark, ``benchmarks/RESULTS.md``).
     Returns:
         scalar loss (float32 whatever the logits' dtype).
     """
@@ -45,12 +49,20 @@ def masked_info_nce(logits: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torc
     in_denominator = (pos_mask | neg_mask) if denominator == "all" else neg_mask
     neg_inf = torch.finfo(logits.dtype).min
     log_z = torch.logsumexp(logits.masked_fill(~in_denominator, neg_inf), dim=1, keepdim=True)  # [B, 1]
+    has_denominator = in_denominator.any(1)  # [B]
+    if negatives is not None:
+        if negatives.shape[0] != logits.shape[0]:
+            raise ValueError(f"negatives {tuple(negatives.shape)} and logits {tuple(logits.shape)} differ in rows")
+        negatives = negatives.float()
+        if negatives.shape[1]:
+            log_z = torch.logaddexp(log_z, torch.logsumexp(negatives, dim=1, keepdim=True))  # [B, 1]
+            has_denominator = torch.ones_like(has_denominator)
     log_prob = logits - log_z  # [B, M]
     num_pos = pos_mask.sum(1)  # [B]
-    has_pos = (num_pos > 0) & in_denominator.any(1)  # [B] anchors that contribute
+    has_pos = (num_pos > 0) & has_denominator  # [B] anchors that contribute
     per_anchor = -(log_prob * pos_mask).sum(1) / num_pos.clamp(min=1)  # [B]
     if not has_pos.any():
-        return (logits * 0.0).sum()
+        return (logits * 0.0).sum() + (0.0 if negatives is None else (negatives * 0.0).sum())
     return per_anchor[has_pos].mean()
 
 

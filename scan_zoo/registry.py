@@ -66,6 +66,11 @@ PAPERS = {
     "supcon": ("Khosla et al., Supervised Contrastive Learning (NeurIPS 2020)", "arXiv:2004.11362",
                "@inproceedings{khosla2020supcon,\n  title={Supervised Contrastive Learning},\n  author={Khosla, "
                "Prannay and others},\n  booktitle={NeurIPS},\n  year={2020}\n}"),
+    "dsc": ("Li et al., Dense Semantic Contrast for Self-Supervised Visual Representation Learning (ACM MM 2021)",
+            "doi:10.1145/3474085.3475551",
+            "@inproceedings{li2021dsc,\n  title={Dense Semantic Contrast for Self-Supervised Visual Representation "
+            "Learning},\n  author={Li, Xiaoni and Zhou, Yu and Zhang, Yifei and Zhang, Aoting and Wang, Wei and Jiang, "
+            "Ning and Wu, Haiying and Wang, Weiping},\n  booktitle={ACM MM},\n  year={2021}\n}"),
     "supervised": ("He et al., Deep Residual Learning for Image Recognition (CVPR 2016)", "arXiv:1512.03385",
                    "@inproceedings{he2016resnet,\n  title={Deep Residual Learning for Image Recognition},\n  "
                    "author={He, Kaiming and Zhang, Xiangyu and Ren, Shaoqing and Sun, Jian},\n  booktitle={CVPR},\n"
@@ -73,7 +78,7 @@ PAPERS = {
 }
 
 METHOD_NAMES = {"scan": "SCAN (Wei et al.)", "moco": "MoCo-v2", "supcon": "supervised contrastive",
-                "supervised": "supervised cross-entropy"}
+                "supervised": "supervised cross-entropy", "dsc": "DSC (Li et al.)"}
 
 IN1K = "ImageNet-1K train split (1.28 M images; class labels used by scan, supcon and sup)"
 DIGITS = "digit scenes (embedded: scikit-learn's handwritten digits rendered at 32 px; 5,752 train images)"
@@ -175,6 +180,8 @@ ENTRIES: tuple[ZooEntry, ...] = (
           reported={"linear_top1": 71.1, "source": _TABLE7 + " (MoCo-v2, 800 epochs)"}),
     _in1k("resnet50", "supcon", "supcon_in1k", "configs/supcon_in1k.yaml"),
     _in1k("resnet50", "supervised", "sup_in1k", "configs/sup_in1k.yaml"),
+    _in1k("resnet50", "dsc", "dsc_in1k", "configs/dsc_in1k.yaml",
+          notes="DSC's full paper is not in hand: its dsc_* values are our readings of the abstract (README 'DSC')"),
     _in1k("resnet18", "scan", "scan_in1k", "configs/scan_in1k.yaml", overrides=(("model", "resnet18"),)),
     _in1k("resnet101", "scan", "scan_in1k", "configs/scan_in1k.yaml", overrides=(("model", "resnet101"),)),
     _in1k("wide_resnet50_2", "scan", "scan_in1k", "configs/scan_in1k.yaml",
@@ -186,6 +193,7 @@ ENTRIES: tuple[ZooEntry, ...] = (
     _digits("moco", "moco_digits"),
     _digits("supcon", "supcon_digits"),
     _digits("supervised", "sup_digits"),
+    _digits("dsc", "dsc_digits"),
 )
 
 

@@ -21,7 +21,7 @@ from .registry import ENTRIES, ZooEntry, record
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("moco", "scan", "supcon", "supervised")  # SCAN needs the MoCo run (stage 0 and stage-1 appearance)
+ORDER = ("moco", "scan", "supcon", "supervised", "dsc")  # SCAN needs the MoCo run (stage 0 and stage-1 appearance)
 PORTABLE_RESULT_KEYS = ("data_root", "weights", "model", "feature_cache")  # machine-specific paths, not shipped
 
 

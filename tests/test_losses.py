@@ -143,3 +143,32 @@ def test_same_image_twice_in_a_batch_is_a_positive():
     pos, neg = contrast_masks(index, index, group, group, True)
     assert pos[0, 2] and pos[2, 0] and not pos[0, 1]
     assert not (pos & neg).any()
+
+
+@pytest.mark.parametrize("denominator", ["all", "negatives"])
+@pytest.mark.parametrize("seed", range(4))
+def test_a_queue_of_negatives_equals_its_columns_appended_with_masks(denominator, seed):
+    """The fast path (``negatives=``, no [B, M + L] masks) against the masked loss over the concatenation:
+    same value and same gradients, rows without a positive or without batch negatives included."""
+    g = torch.Generator().manual_seed(seed)
+    B, M, L = 7, 5, 40
+    logits = (torch.randn(B, M, generator=g) * 3).requires_grad_()
+    queue = (torch.randn(B, L, generator=g) * 3).requires_grad_()
+    kind = torch.randint(0, 3, (B, M), generator=g)  # ignore / positive / negative
+    kind[0] = 0  # an anchor with nothing in the batch part
+    kind[1] = 2  # an anchor without a positive
+    pos, neg = kind == 1, kind == 2
+    fast = masked_info_nce(logits, pos, neg, denominator, negatives=queue)
+    grads = torch.autograd.grad(fast, [logits, queue])
+    ones, zeros = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
+    slow = masked_info_nce(torch.cat([logits, queue], 1), torch.cat([pos, zeros], 1), torch.cat([neg, ones], 1),
+                           denominator)
+    want = torch.autograd.grad(slow, [logits, queue])
+    torch.testing.assert_close(fast, slow)
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref)
+    # no positive anywhere: an exact zero that still has a gradient path; an empty queue changes nothing
+    zero = masked_info_nce(logits, torch.zeros_like(pos), neg, denominator, negatives=queue)
+    assert zero.item() == 0.0 and zero.requires_grad
+    torch.testing.assert_close(masked_info_nce(logits, pos, neg, denominator, negatives=queue[:, :0]),
+                               masked_info_nce(logits, pos, neg, denominator))

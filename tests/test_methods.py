@@ -178,3 +178,27 @@ def test_methods_fit_backbones_whose_pooled_width_is_not_num_features():
         batch = {"views": [x, x.clone()], "label": torch.tensor([0, 1, 2, 0]), "index": torch.arange(4),
                  "group": torch.arange(4)}
         assert torch.isfinite(m(batch)["loss"])
+
+
+@pytest.mark.parametrize("cls", [MoCo, SCAN])
+def test_the_queue_without_masks_gives_the_masked_loss(cls):
+    """MoCo and SCAN hand the queue to the loss as negatives without [B, L] masks; the same model with
+    explicit all-negative queue masks gives the same loss, gradients and queue."""
+
+    class Masked(cls):
+        def masks(self, batch, keys):
+            pos_b, neg_b, _, _ = super().masks(batch, keys)
+            pos_q = torch.zeros(len(pos_b), len(keys["queue_label"]), dtype=torch.bool)  # [B, L]
+            return pos_b, neg_b, pos_q, ~pos_q
+
+    fast, slow = cls(backbone(), **common()), Masked(backbone(), **common())
+    slow.load_state_dict(fast.state_dict())
+    b = batch(groups=[0, 0, 1, 1, 2, 2])
+    lf, ls = fast(b)["loss"], slow(b)["loss"]
+    torch.testing.assert_close(lf, ls)
+    lf.backward()
+    ls.backward()
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    torch.testing.assert_close(fast.queue.keys, slow.queue.keys, rtol=0, atol=0)

@@ -160,7 +160,8 @@ def _bench_parser():
 
 def test_bench_parser_defaults():
     args = _bench_parser().parse_args(["bench", "transfer"])
-    assert args.methods == ["supervised", "moco", "supcon", "scan"] and args.seeds == [0, 1, 2]
+    assert args.methods == ["supervised", "moco", "supcon", "scan", "dsc"] and args.seeds == [0, 1, 2]
+    assert args.merge is None
     assert args.out == "runs/bench/transfer" and args.recipes_dir == "configs" and not args.quick
     args = _bench_parser().parse_args(["bench", "k-ablation"])
     assert args.ks == ["0", "1", "2", "4", "8", "all"] and args.seed == 0 and args.out == "runs/bench/k_ablation"
@@ -212,6 +213,37 @@ def test_bench_transfer_quick_end_to_end(digits_root, tmp_path, capsys):
     again = json.loads((out / "results.json").read_text())
     assert not any(r["trained_now"] for r in again["runs"])
     assert again["summary"] == result["summary"]
+
+
+def test_bench_transfer_merge_adds_dsc_without_retraining_the_others(digits_root, tmp_path, capsys):
+    """--merge: a finished results.json keeps its other methods as recorded; only DSC is trained and scored."""
+    tcfg = T.TransferConfig.quick(num_workers=0, cache_dir="/gone/feature_cache")
+    old = {"kind": "transfer", "date": "2026-01-01T00:00:00+00:00", "command": "scan-zoo bench transfer --quick",
+           "quick": True, "methods": ["moco"], "seeds": [0], "transfer_settings": tcfg.to_dict(),
+           "recipes": {"moco": {"path": "configs/digits_moco.yaml"}}, "total_seconds": 1.0,
+           "runs": [{"method": "moco", "seed": 0, "run_dir": "/gone/seed0/moco", "steps": 3, "trained_now": True,
+                     "scores": {key: 50.0 for key, _, _ in T.TASKS}}]}
+    base = tmp_path / "old.json"
+    base.write_text(json.dumps(old))
+    argv = ["bench", "transfer", "--methods", "dsc", "--seeds", "0", "--quick", "--out", str(tmp_path / "b"),
+            "--data-cache", str(digits_root), "--num-workers", "0", "--merge", str(base)]
+    for bad, needle in ((["--seeds", "1"], "seeds"), (["--methods", "moco"], "nothing to keep")):
+        args = _bench_parser().parse_args(argv + bad)
+        with pytest.raises(UserError, match=needle):
+            args.func(args)
+    assert not (tmp_path / "b").exists()  # refused before training anything
+    args = _bench_parser().parse_args(argv)
+    assert args.func(args) == 0
+    assert "DSC" in capsys.readouterr().out
+    result = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert result["methods"] == ["moco", "dsc"] and [r["method"] for r in result["runs"]] == ["moco", "dsc"]
+    assert result["runs"][0] == old["runs"][0]  # kept exactly as recorded
+    assert result["runs"][1]["trained_now"] and result["runs"][1]["steps"] == B.QUICK_STEPS
+    assert result["summary"]["semantic_top1"]["moco"]["mean"] == 50.0 and "dsc" in result["summary"]["box_iou"]
+    assert result["merged_from"]["path"] == str(base) and set(result["recipes"]) == {"moco", "dsc"}
+    text = B.readme_results_section(result)
+    assert "| Task | Metric | MoCo-v2 | DSC |" in text.splitlines()
+    assert "- On segmentation, DSC (" in text and "MoCo-v2 (50.00)" in text
 
 
 # ---------------------------------------------------------------------------------------------- README

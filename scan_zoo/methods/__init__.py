@@ -3,15 +3,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from .dsc import DSC
 from .moco import MoCo
 from .scan import SCAN
 from .supcon import SupCon
 from .supervised import Supervised
 
-__all__ = ["MoCo", "SCAN", "SupCon", "Supervised", "build_method", "num_views"]
+__all__ = ["DSC", "MoCo", "SCAN", "SupCon", "Supervised", "build_method", "num_views"]
 
 
 def num_views(method: str) -> int:
+    """Augmented views per image: one for cross-entropy, two (query and key) for the contrastive methods and DSC."""
     return 1 if method == "supervised" else 2
 
 
@@ -27,4 +29,13 @@ def build_method(cfg, backbone: nn.Module, num_classes: int) -> nn.Module:
         return SupCon(backbone, **common)
     if cfg.method == "scan":
         return SCAN(backbone, denominator=cfg.denominator, in_batch_negatives=cfg.in_batch_negatives, **common)
+    if cfg.method == "dsc":
+        from .dsc import resolve_feature_layer
+
+        return DSC(backbone, feature_layer=resolve_feature_layer(backbone, cfg.image_size, cfg.dsc_feature_layer),
+                   dense_dim=cfg.dsc_dense_dim, dense_queue_size=cfg.dsc_queue_size, topk=cfg.dsc_topk,
+                   assign=cfg.dsc_assign, clusters=cfg.dsc_clusters, kmeans_iters=cfg.dsc_kmeans_iters,
+                   sinkhorn_iters=cfg.dsc_sinkhorn_iters, sinkhorn_eps=cfg.dsc_sinkhorn_eps,
+                   pixel_samples=cfg.dsc_pixel_samples,
+                   weights=(cfg.dsc_weight_instance, cfg.dsc_weight_pixel, cfg.dsc_weight_category), **common)
     raise ValueError(f"no method class for {cfg.method!r}")

@@ -25,6 +25,24 @@ class ProjectionHead(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+class DenseProjectionHead(nn.Module):
+    """DenseCL's dense head: ``Conv1x1(c, c) -> ReLU -> Conv1x1(c, out)`` on a feature map, no BatchNorm.
+
+    "the dense projection head ... [is] the same as the global one except that [the] global pooling layer is
+    removed and the MLP replaced by identical 1x1 convolution layers" (Wang et al., Dense Contrastive Learning
+    for Self-Supervised Visual Pre-Training, 2021): hidden width = input channels, output 128.
+    """
+
+    def __init__(self, in_channels: int, out_dim: int = 128, hidden_dim: int | None = None):
+        super().__init__()
+        hidden_dim = hidden_dim or in_channels
+        self.conv1 = nn.Conv2d(in_channels, hidden_dim, 1)
+        self.conv2 = nn.Conv2d(hidden_dim, out_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(F.relu(self.conv1(x)))
+
+
 class Encoder(nn.Module):
     """Backbone (pooled features) + projection head, output L2-normalised: ``[B, out_dim]``."""
 

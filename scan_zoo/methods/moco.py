@@ -15,6 +15,4 @@ class MoCo(MomentumContrast):
     def masks(self, batch, keys):
         pos_b = batch["index"][:, None] == keys["index"][None, :]  # [B, Bg] own key
         neg_b = torch.zeros_like(pos_b)
-        n_queue = keys["queue_label"].shape[0]
-        pos_q = torch.zeros(len(pos_b), n_queue, dtype=torch.bool, device=pos_b.device)  # [B, L]
-        return pos_b, neg_b, pos_q, ~pos_q
+        return pos_b, neg_b, None, None  # the queue: negatives of every query

@@ -7,8 +7,6 @@ and gives anchor and neighbours one pseudo-label y*; the loss is paper Eq. 5-6.
 """
 from __future__ import annotations
 
-import torch
-
 from ..losses import contrast_masks
 from .contrast import MomentumContrast
 
@@ -31,6 +29,4 @@ class SCAN(MomentumContrast):
     def masks(self, batch, keys):
         pos_b, neg_b = contrast_masks(batch["index"], keys["index"], batch["group"], keys["group"],
                                       self.in_batch_negatives)  # [B, Bg] each
-        n_queue = keys["queue_label"].shape[0]
-        pos_q = torch.zeros(len(pos_b), n_queue, dtype=torch.bool, device=pos_b.device)  # [B, L]
-        return pos_b, neg_b, pos_q, ~pos_q
+        return pos_b, neg_b, None, None  # the queue: negatives of every query
