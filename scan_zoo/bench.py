@@ -696,8 +696,12 @@ def readme_results_section(transfer_json, kablation_json=None) -> str:
             cells = summary.get(key, {})
             if "dsc" in cells and "moco" in cells:
                 dsc, moco = cells["dsc"]["mean"], cells["moco"]["mean"]
+                spread = max([s for s in (cells["dsc"]["std"], cells["moco"]["std"]) if s is not None], default=None)
+                caveat = ""
+                if spread is not None and abs(dsc - moco) <= spread:
+                    caveat = " (within one standard deviation: not a clear difference)"
                 out.append(f"- On {task}, DSC ({dsc:.2f}) {'beats' if dsc > moco else 'does not beat'} "
-                           f"MoCo-v2 ({moco:.2f}).")
+                           f"MoCo-v2 ({moco:.2f}){caveat}.")
     if ka:
         out += ["", "### SCAN's K ablation (the paper's Fig. 3 in miniature)", ""]
         if ka.get("quick"):

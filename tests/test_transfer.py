@@ -273,6 +273,22 @@ def test_readme_section_says_when_scan_does_not_beat_the_baselines():
     assert "- semantic: **FSup** (97.00 ± 0.71), ahead of SCAN by 0.20 (within one standard deviation" in close
 
 
+def test_readme_section_flags_dsc_vs_moco_differences_within_the_spread():
+    res = _hand_results(95.0)
+    # DSC vs MoCo (90, 70, 70, 85) with std 0.71: clearly above, clearly below, 0.5 above, 0.5 below
+    for seed, delta in ((0, -0.5), (1, 0.5)):
+        res["runs"].append({"method": "dsc", "seed": seed, "scores": {
+            key: v + delta for (key, _, _), v in zip(T.TASKS, [93.0, 60.0, 70.5, 84.5])}})
+    res["methods"].append("dsc")
+    lines = {ln.split(",")[0]: ln for ln in B.readme_results_section(res).splitlines() if "DSC (" in ln}
+    assert lines["- On semantic"] == "- On semantic, DSC (93.00) beats MoCo-v2 (90.00)."
+    assert lines["- On appearance"] == "- On appearance, DSC (60.00) does not beat MoCo-v2 (70.00)."
+    assert lines["- On localisation"].endswith("beats MoCo-v2 (70.00) (within one standard deviation: not a clear "
+                                               "difference).")
+    assert lines["- On segmentation"].endswith("does not beat MoCo-v2 (85.00) (within one standard deviation: not a "
+                                               "clear difference).")
+
+
 def test_readme_section_with_k_ablation_and_charts_draw(tmp_path):
     ka = {"seed": 0, "quick": False, "budget": {"steps": 685, "images_per_step": 126},
           "moco": {"scores": {key: 50.0 for key, _, _ in T.TASKS}},
