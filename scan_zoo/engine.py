@@ -429,6 +429,9 @@ class Trainer:
         finally:
             torch.backends.mkldnn.enabled = onednn
             bar.close()  # before any error line, so the error is what the user reads last
+            # Persistent loader workers end with their DataLoader: dropped now, not at a later garbage collection,
+            # which can run inside a worker forked by the next loader of this process (bench, tests) and fail there.
+            self.loader = None
         if self.state.step_in_epoch == self.steps_per_epoch:  # max_steps ended exactly on an epoch boundary
             self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
         ckpt = self.save_checkpoint()

@@ -8,6 +8,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from conftest import PYTHON, run_cli
 from scan_zoo.config import build_config
 from scan_zoo.engine import list_checkpoints
 from scan_zoo.pipeline import run_training
@@ -181,3 +182,29 @@ def test_a_training_checkpoint_is_a_model_reference(tiny_data, tmp_path):
 
     converted = to_timm(read_checkpoint(ckpt / "model.safetensors"), "test_resnet")
     assert converted.keys() == export.keys() and all(torch.equal(converted[k], export[k]) for k in export)
+
+
+PERSISTENT_WORKERS_SCRIPT = """
+import gc, sys
+import torch
+from scan_zoo.config import build_config
+from scan_zoo.pipeline import run_training
+data, out = sys.argv[1:]
+for i in range(2):
+    run_training(build_config({"method": "moco", "data": data, "output_dir": f"{out}/r{i}", "max_steps": 2,
+                               "batch_size": 16, "queue_size": 32, "num_workers": 2, "image_size": 16}))
+    # the workers of a later loader collect garbage: an old persistent loader iterator must not be there
+    ds = torch.utils.data.TensorDataset(torch.zeros(64, 1))
+    for _ in torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, worker_init_fn=lambda _: gc.collect()):
+        pass
+"""
+
+
+def test_persistent_loader_workers_end_with_the_run(tiny_data, tmp_path):
+    """Two runs in one process (as the bench does), then a loader: no 'can only test a child process' errors
+    from a finished run's persistent workers being collected inside a forked worker."""
+    script = tmp_path / "runs.py"
+    script.write_text(PERSISTENT_WORKERS_SCRIPT)
+    p = run_cli([PYTHON, str(script), str(tiny_data), str(tmp_path / "out")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "can only test a child process" not in p.stderr
