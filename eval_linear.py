@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("images")
     g.add_argument("--image-size", type=int, help="crop size (default: the model's input size; 32 on digits)")
     g.add_argument("--eval-resize", type=int,
-                   help="resize before the centre crop (default: size / 0.875; 32 on digits)")
+                   help="resize before the centre crop (default: size / 0.875, MoCo's 256 / 224: 37 on digits)")
     g.add_argument("--crop-scale-min", type=float,
                    help="RandomResizedCrop lower scale, moco protocol (default: 0.08, MoCo's; 0.5 on digits)")
     g.add_argument("--crop-scale-max", type=float, default=d.crop_scale_max, help=f"(default: {d.crop_scale_max})")

@@ -18,8 +18,11 @@ README_END = "<!-- zoo-table:end -->"
 
 
 def _protocol_text(p: dict) -> str:
-    keys = ("name", "epochs", "lr", "batch_size", "milestones", "image_size")
-    return ", ".join(f"{k} {p[k]}" for k in keys if k in p)
+    """The settings a reader needs to reproduce a number: schedule, then the train and val transforms."""
+    keys = ("name", "epochs", "lr", "batch_size", "milestones")
+    text = [f"{k} {p[k]}" for k in keys if k in p]
+    text += [f"{label}: {p[k]}" for label, k in (("train", "train_transform"), ("val", "eval_transform")) if k in p]
+    return ", ".join(text)
 
 
 def headline(results: dict) -> tuple[str, str]:

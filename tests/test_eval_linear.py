@@ -238,3 +238,19 @@ def test_moco_crop_scale_defaults_to_mocos_and_to_half_on_the_digits():
     assert probe.resolve_config(given, pre, "digits").crop_scale_min == 0.2
     with pytest.raises(UserError, match="crop scale"):
         probe.ProbeConfig(protocol="moco", crop_scale_min=1.5).validate()
+
+
+@pytest.mark.parametrize("protocol", probe.PROTOCOLS)
+def test_validation_resize_keeps_mocos_ratio_on_every_data_set(protocol):
+    """resize = crop / 0.875 (256 / 224) for ImageNet-sized models and for the 32-px digit scenes alike:
+    the centre crop of an enlarged image is what makes training crops and validation images show objects
+    at about one size (probe module docstring); an explicit resize wins."""
+    pre = {"image_size": 224, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    cfg = probe.ProbeConfig(protocol=protocol)
+    imagenet = probe.resolve_config(cfg, pre, "/data/imagenet")
+    assert (imagenet.image_size, imagenet.eval_resize) == (224, 256)
+    digits = probe.resolve_config(cfg, pre, "digits")
+    assert (digits.image_size, digits.eval_resize) == (32, 37)
+    settings = probe.protocol_settings(digits)
+    assert settings["eval_transform"] == "Resize(37) + CenterCrop(32)"
+    assert probe.resolve_config(dataclasses.replace(cfg, eval_resize=32), pre, "digits").eval_resize == 32

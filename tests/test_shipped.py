@@ -30,6 +30,7 @@ def test_shipped_entry_is_complete_and_recorded(entry):
     card = (folder / "README.md").read_text()
     assert "Van Gansbeke" in card and entry.name in card and entry.facts["sha256"] in card
     assert f"{cached['top1']:.2f}" in card  # the card's numbers are the evaluation's
+    assert f"val: {cached['protocol']['eval_transform']}" in card  # with the transform they were measured on
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == entry.arch and config["scan_zoo"]["sha256"] == entry.facts["sha256"]
     linear, knn = headline(results)
