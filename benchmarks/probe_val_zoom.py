@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resizes", type=int, nargs="+", default=[32, 34, 35, 36, 37, 38],
                    help="validation resizes to score (default: 32 34 35 36 37 38)")
     p.add_argument("--crop-draws", type=int, default=3, help="draws of the training crops of val (default: 3)")
+    p.add_argument("--epochs", type=int, default=100, help="linear-layer epochs of both protocols (default: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--out", help="also write the numbers to this JSON file")
@@ -54,22 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for protocol in probe.PROTOCOLS:
         cfg = probe.resolve_config(
-            probe.ProbeConfig(protocol=protocol, seed=args.seed, num_workers=args.num_workers,
+            probe.ProbeConfig(protocol=protocol, epochs=args.epochs, seed=args.seed, num_workers=args.num_workers,
                               eval_resize=args.train_resize, progress=False),
             probe.model_preprocessing(backbone, weights), args.data)
         feats = probe.centre_crop_features(backbone, train, val, cfg)
-        if protocol == "cached":
-            f_train, y_train = feats["train_features"], feats["train_labels"]
-
-            def epochs(epoch):
-                return probe.cached_batches(f_train, y_train, cfg.batch_size, cfg.seed, epoch)
-        else:
-            augmented = data_lib.EvalImages(train, probe.train_transform(cfg))
-
-            def epochs(epoch):
-                return probe.augmented_batches(backbone, augmented, cfg, epoch)
-
-        classifier, history = probe.fit_linear(epochs, feats["train_features"].shape[1], len(train.classes),
+        classifier, history = probe.fit_linear(probe.training_batches(backbone, train, feats, cfg),
+                                               feats["train_features"].shape[1], len(train.classes),
                                                feats["val_features"], feats["val_labels"], cfg)
         row = {"validated_at": cfg.eval_resize, "reported_top1": history[-1]["top1"]}
         for resize in args.resizes:
@@ -93,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{protocol:<9}{row['reported_top1']:>9.2f}" + "".join(f"{row[v]:>16.2f}" for v in views))
     if args.out:
         Path(args.out).write_text(json.dumps({"model": args.model, "data": args.data, "seed": args.seed,
-                                              "protocols": rows}, indent=2) + "\n")
+                                              "epochs": args.epochs, "protocols": rows}, indent=2) + "\n")
     return 0
 
 

@@ -399,6 +399,17 @@ def augmented_batches(backbone: nn.Module, dataset, cfg: ProbeConfig, epoch: int
             yield feats, y.to(device)
 
 
+def training_batches(backbone: nn.Module, train, feats: dict, cfg: ProbeConfig,
+                     device="cpu") -> Callable[[int], Iterable]:
+    """``epoch -> batches`` of ``cfg.protocol``'s training data: the cached centre-crop features
+    (``feats`` from :func:`centre_crop_features`) or augmented crops of ``train`` through the frozen backbone."""
+    if cfg.protocol == "cached":
+        f_train, y_train = feats["train_features"].to(device), feats["train_labels"].to(device)  # [N, D], [N]
+        return lambda epoch: cached_batches(f_train, y_train, cfg.batch_size, cfg.seed, epoch, device)
+    augmented = data_lib.EvalImages(train, train_transform(cfg))
+    return lambda epoch: augmented_batches(backbone, augmented, cfg, epoch, device)
+
+
 # ------------------------------------------------------------------------------------------- protocols
 def linear_probe(backbone: nn.Module, train, val, cfg: ProbeConfig, device="cpu") -> dict:
     """Run ``cfg.protocol`` (a resolved config, see :func:`resolve_config`) on ImageFolder splits.
@@ -416,18 +427,8 @@ def linear_probe(backbone: nn.Module, train, val, cfg: ProbeConfig, device="cpu"
     try:
         feats = centre_crop_features(backbone, train, val, cfg, device)
         dim, num_classes = feats["train_features"].shape[1], len(train.classes)
-        if cfg.protocol == "cached":
-            f_train, y_train = feats["train_features"].to(device), feats["train_labels"].to(device)
-
-            def epochs(epoch):
-                return cached_batches(f_train, y_train, cfg.batch_size, cfg.seed, epoch, device)
-        else:
-            augmented = data_lib.EvalImages(train, train_transform(cfg))
-
-            def epochs(epoch):
-                return augmented_batches(backbone, augmented, cfg, epoch, device)
-
-        _, history = fit_linear(epochs, dim, num_classes, feats["val_features"], feats["val_labels"], cfg, device)
+        _, history = fit_linear(training_batches(backbone, train, feats, cfg, device), dim, num_classes,
+                                feats["val_features"], feats["val_labels"], cfg, device)
         knn_scores = evaluation.knn_classify(feats["train_features"], feats["train_labels"], feats["val_features"],
                                              num_classes, cfg.knn_k, cfg.knn_temperature)  # [M, C]
         knn = evaluation.topk_accuracy(knn_scores, feats["val_labels"])
