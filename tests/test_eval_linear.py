@@ -243,8 +243,8 @@ def test_moco_crop_scale_defaults_to_mocos_and_to_half_on_the_digits():
 @pytest.mark.parametrize("protocol", probe.PROTOCOLS)
 def test_validation_resize_keeps_mocos_ratio_on_every_data_set(protocol):
     """resize = crop / 0.875 (256 / 224) for ImageNet-sized models and for the 32-px digit scenes alike:
-    the centre crop of an enlarged image is what makes training crops and validation images show objects
-    at about one size (probe module docstring); an explicit resize wins."""
+    the centre crop of an enlarged image brings validation objects closer to their size in the training
+    crops (probe module docstring); an explicit resize wins."""
     pre = {"image_size": 224, "mean": (0.5,) * 3, "std": (0.25,) * 3}
     cfg = probe.ProbeConfig(protocol=protocol)
     imagenet = probe.resolve_config(cfg, pre, "/data/imagenet")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scan_zoo import registry
+from scan_zoo import probe, registry
 from scan_zoo.cards import headline
 from scan_zoo.hub import sha256_file
 
@@ -31,6 +31,11 @@ def test_shipped_entry_is_complete_and_recorded(entry):
     assert "Van Gansbeke" in card and entry.name in card and entry.facts["sha256"] in card
     assert f"{cached['top1']:.2f}" in card  # the card's numbers are the evaluation's
     assert f"val: {cached['protocol']['eval_transform']}" in card  # with the transform they were measured on
+    default = probe.resolve_config(probe.ProbeConfig(), {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3},
+                                   "digits")
+    assert cached["protocol"]["eval_transform"] == probe.protocol_settings(default)["eval_transform"], \
+        "shipped results were measured with another validation transform than eval_linear.py's default: " \
+        "re-evaluate with `scan-zoo build-digits`"
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == entry.arch and config["scan_zoo"]["sha256"] == entry.facts["sha256"]
     linear, knn = headline(results)
