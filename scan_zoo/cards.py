@@ -167,10 +167,15 @@ def replace_between(text: str, begin: str, end: str, content: str) -> str:
 
 
 def update_readme(text: str, root=None) -> str:
-    """README text with the zoo table, and the results section when its JSON exists, regenerated."""
+    """A generated page with its generated parts regenerated: the zoo table (README.md) and the results
+    section (docs/results.md, from ``results/*.json`` when they exist). Each part is replaced only where its
+    markers are; a page with neither is an error, since nothing would be kept up to date."""
     from pathlib import Path
 
-    text = replace_between(text, README_BEGIN, README_END, zoo_table())
+    if README_BEGIN not in text and RESULTS_BEGIN not in text:
+        raise ValueError(f"the page has neither the zoo-table markers {README_BEGIN!r} nor the results markers")
+    if README_BEGIN in text:
+        text = replace_between(text, README_BEGIN, README_END, zoo_table())
     root = Path(root) if root else Path(__file__).resolve().parent.parent
     if (root / TRANSFER_RESULTS).is_file() and RESULTS_BEGIN in text:
         from .bench import readme_results_section

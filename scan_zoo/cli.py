@@ -107,18 +107,22 @@ def _cmd_publish(args) -> int:
 def _cmd_readme(args) -> int:
     from .cards import update_readme
 
-    path = Path(args.path)
-    text = path.read_text()
-    new = update_readme(text)
-    if args.check:
-        if new != text:
-            print(f"{path}: the zoo table is out of date; run `scan-zoo readme`", file=sys.stderr)
-            return 1
-        print(f"{path}: the zoo table is up to date")
-        return 0
-    path.write_text(new)
-    print(f"{path}: zoo table regenerated from the registry")
-    return 0
+    stale = []
+    for path in (Path(args.path), Path(args.results)):
+        if path == Path(args.results) and not path.is_file():
+            continue  # an installed package has no docs/
+        text = path.read_text()
+        new = update_readme(text)
+        if new == text:
+            print(f"{path}: the generated parts are up to date")
+        elif args.check:
+            stale.append(path)
+        else:
+            path.write_text(new)
+            print(f"{path}: generated parts regenerated from the registry and results/*.json")
+    for path in stale:
+        print(f"{path}: the generated parts are out of date; run `scan-zoo readme`", file=sys.stderr)
+    return 1 if stale else 0
 
 
 def _cmd_build_digits(args) -> int:
@@ -201,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--no-record", action="store_true", help="do not record revision and sha256 in the zoo lock")
     pb.set_defaults(func=_cmd_publish)
 
-    rd = sub.add_parser("readme", help="regenerate README.md's zoo table from the registry")
-    rd.add_argument("--path", default="README.md")
+    rd = sub.add_parser("readme", help="regenerate the README's zoo table and docs/results.md from the registry and results/*.json")
+    rd.add_argument("--path", default="README.md", help="the page holding the zoo table (default README.md)")
+    rd.add_argument("--results", default="docs/results.md", help="the page holding the results section")
     rd.add_argument("--check", action="store_true", help="exit 1 if the table is out of date, change nothing")
     rd.set_defaults(func=_cmd_readme)
 

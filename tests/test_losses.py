@@ -1,4 +1,4 @@
-"""The shared masked InfoNCE against naive loops, and the degenerate cases METHOD.md pins."""
+"""The shared masked InfoNCE against naive loops, and the degenerate cases docs/method.md pins."""
 import math
 
 import pytest

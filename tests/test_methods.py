@@ -1,5 +1,5 @@
 """Method invariants: the key path uses the momentum encoder, no gradient reaches it, the queue is a FIFO,
-and the method classes reduce to each other where METHOD.md says they do."""
+and the method classes reduce to each other where docs/method.md says they do."""
 import copy
 
 import pytest

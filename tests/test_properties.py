@@ -92,7 +92,7 @@ def unit_rows(n, d, seed):
 @given(b=st.integers(1, 9), d=st.integers(1, 9), length=st.integers(1, 20), tau=st.floats(0.05, 1.0),
        seed=st.integers(0, 2**16))
 def test_scan_at_k0_without_in_batch_negatives_is_moco(b, d, length, tau, seed):
-    """METHOD.md's degenerate case, through the masks SCAN really builds: each slot its own pseudo-class."""
+    """docs/method.md's degenerate case, through the masks SCAN really builds: each slot its own pseudo-class."""
     q, k, queue = unit_rows(b, d, seed), unit_rows(b, d, seed + 1), unit_rows(length, d, seed + 2)
     index = torch.randperm(1000, generator=torch.Generator().manual_seed(seed))[:b]  # distinct images
     batch = {"index": index, "group": torch.arange(b)}

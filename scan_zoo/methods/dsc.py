@@ -4,7 +4,7 @@ Only the paper's abstract is in hand: DSC learns at three granularities at once 
 (intra-image: "pixel neighbors from multiple views") and pixel category (inter-image: "pixel representation
 from the same semantic class [is] more similar than the representation from different classes in one
 mini-batch"), with categories from k-means (DSC-KM) or learned prototypes (DSC-PM). Every choice below that
-the abstract leaves open is named in :class:`DSC`'s docstring and in the README's DSC section.
+the abstract leaves open is named in :class:`DSC`'s docstring and in docs/dsc.md.
 """
 from __future__ import annotations
 
