@@ -178,7 +178,7 @@ def update_readme(text: str, root=None) -> str:
         text = replace_between(text, README_BEGIN, README_END, zoo_table())
     root = Path(root) if root else Path(__file__).resolve().parent.parent
     if (root / TRANSFER_RESULTS).is_file() and RESULTS_BEGIN in text:
-        from .bench import readme_results_section
+        from .results_page import readme_results_section
 
         k_ablation = root / K_ABLATION_RESULTS
         section = readme_results_section(root / TRANSFER_RESULTS, k_ablation if k_ablation.is_file() else None)

@@ -10,6 +10,10 @@ import torch
 from PIL import Image
 
 from scan_zoo import bench as B
+from scan_zoo import bench_runs as R
+from scan_zoo import charts as C
+from scan_zoo import k_ablation as KA
+from scan_zoo import results_page as P
 from scan_zoo import transfer as T
 from scan_zoo.errors import UserError
 
@@ -165,26 +169,26 @@ def test_bench_parser_defaults():
     assert args.out == "runs/bench/transfer" and args.recipes_dir == "configs" and not args.quick
     args = _bench_parser().parse_args(["bench", "k-ablation"])
     assert args.ks == ["0", "1", "2", "4", "8", "all"] and args.seed == 0 and args.out == "runs/bench/k_ablation"
-    assert [B.parse_k(k) for k in args.ks] == [0, 1, 2, 4, 8, "all"]
+    assert [KA.parse_k(k) for k in args.ks] == [0, 1, 2, 4, 8, "all"]
     with pytest.raises(UserError):
-        B.parse_k("-1")
+        KA.parse_k("-1")
 
 
 def test_bench_recipes_exist_and_load():
     from scan_zoo.config import build_config, load_yaml
 
-    for m in B.METHODS:
-        cfg = build_config(load_yaml(B.recipe_file("configs", m)))
+    for m in R.METHODS:
+        cfg = build_config(load_yaml(R.recipe_file("configs", m)))
         assert cfg.method == m and cfg.data == "digits"
 
 
 def test_k_ablation_budget_keeps_steps_equal():
-    assert B.steps_for(126, 5752, 2) == math.ceil(5752 / 42)
-    assert B.steps_for(126, 5752, 0) == math.ceil(5752 / 126)
-    assert B.steps_for(126, 5752, "all") == math.ceil(5752 / 126)
-    assert B.steps_for(126, 5752, 8) == math.ceil(5752 / 14)
+    assert KA.steps_for(126, 5752, 2) == math.ceil(5752 / 42)
+    assert KA.steps_for(126, 5752, 0) == math.ceil(5752 / 126)
+    assert KA.steps_for(126, 5752, "all") == math.ceil(5752 / 126)
+    assert KA.steps_for(126, 5752, 8) == math.ceil(5752 / 14)
     with pytest.raises(UserError):
-        B.steps_for(8, 5752, 8)
+        KA.steps_for(8, 5752, 8)
 
 
 def test_bench_transfer_quick_end_to_end(digits_root, tmp_path, capsys):
@@ -197,7 +201,7 @@ def test_bench_transfer_quick_end_to_end(digits_root, tmp_path, capsys):
     assert "MoCo-v2" in printed and "SCAN" in printed and "semantic" in printed
     result = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in result["runs"]] == [("moco", 0), ("scan", 0)]
-    assert all(r["steps"] == B.QUICK_STEPS and r["trained_now"] for r in result["runs"])
+    assert all(r["steps"] == R.QUICK_STEPS and r["trained_now"] for r in result["runs"])
     for key, _, _ in T.TASKS:
         assert set(result["summary"][key]) == {"moco", "scan"}
         assert result["summary"][key]["moco"]["std"] is None  # one seed
@@ -238,10 +242,10 @@ def test_bench_transfer_merge_adds_dsc_without_retraining_the_others(digits_root
     result = json.loads((tmp_path / "b" / "results.json").read_text())
     assert result["methods"] == ["moco", "dsc"] and [r["method"] for r in result["runs"]] == ["moco", "dsc"]
     assert result["runs"][0] == old["runs"][0]  # kept exactly as recorded
-    assert result["runs"][1]["trained_now"] and result["runs"][1]["steps"] == B.QUICK_STEPS
+    assert result["runs"][1]["trained_now"] and result["runs"][1]["steps"] == R.QUICK_STEPS
     assert result["summary"]["semantic_top1"]["moco"]["mean"] == 50.0 and "dsc" in result["summary"]["box_iou"]
     assert result["merged_from"]["path"] == str(base) and set(result["recipes"]) == {"moco", "dsc"}
-    text = B.readme_results_section(result)
+    text = P.readme_results_section(result)
     assert "| Task | Metric | MoCo-v2 | DSC |" in text.splitlines()
     assert "- On segmentation, DSC (" in text and "MoCo-v2 (50.00)" in text
 
@@ -261,7 +265,7 @@ def _hand_results(scan_semantic: float) -> dict:
 
 
 def test_readme_section_says_when_scan_does_not_beat_the_baselines():
-    text = B.readme_results_section(_hand_results(95.0))
+    text = P.readme_results_section(_hand_results(95.0))
     assert "| semantic | top-1 (%) | **97.00 ± 0.71** | 90.00 ± 0.71 | 95.00 ± 0.71 |" in text
     assert "On semantic, SCAN (95.00) does not beat both MoCo-v2 and FSup: FSup scores 97.00 (MoCo-v2 90.00)." in text
     assert "On appearance, SCAN (65.00) does not beat" in text
@@ -269,7 +273,7 @@ def test_readme_section_says_when_scan_does_not_beat_the_baselines():
     assert "- segmentation: **SCAN**" in text and "- semantic: **FSup**" in text
     assert "does not beat" not in [ln for ln in text.splitlines() if ln.startswith("- On segmentation")][0]
     # a winner by less than a standard deviation is flagged
-    close = B.readme_results_section(_hand_results(96.8))
+    close = P.readme_results_section(_hand_results(96.8))
     assert "- semantic: **FSup** (97.00 ± 0.71), ahead of SCAN by 0.20 (within one standard deviation" in close
 
 
@@ -280,7 +284,7 @@ def test_readme_section_flags_dsc_vs_moco_differences_within_the_spread():
         res["runs"].append({"method": "dsc", "seed": seed, "scores": {
             key: v + delta for (key, _, _), v in zip(T.TASKS, [93.0, 60.0, 70.5, 84.5])}})
     res["methods"].append("dsc")
-    lines = {ln.split(",")[0]: ln for ln in B.readme_results_section(res).splitlines() if "DSC (" in ln}
+    lines = {ln.split(",")[0]: ln for ln in P.readme_results_section(res).splitlines() if "DSC (" in ln}
     assert lines["- On semantic"] == "- On semantic, DSC (93.00) beats MoCo-v2 (90.00)."
     assert lines["- On appearance"] == "- On appearance, DSC (60.00) does not beat MoCo-v2 (70.00)."
     assert lines["- On localisation"].endswith("beats MoCo-v2 (70.00) (within one standard deviation: not a clear "
@@ -295,11 +299,11 @@ def test_readme_section_with_k_ablation_and_charts_draw(tmp_path):
           "runs": [{"k": k, "scores": {key: 50.0 + i + j for j, (key, _, _) in enumerate(T.TASKS)}}
                    for i, k in enumerate(["0", "2", "all"])]}
     ka["best_k"] = {key: "all" for key, _, _ in T.TASKS}
-    text = B.readme_results_section(_hand_results(95.0), ka)
+    text = P.readme_results_section(_hand_results(95.0), ka)
     assert "### SCAN's K ablation" in text and "| all | **52.00** |" in text and "| MoCo (start) |" in text
     tr = _hand_results(95.0)
-    summary = B.summarise(tr["runs"], tr["methods"])
+    summary = R.summarise(tr["runs"], tr["methods"])
     assert summary["semantic_top1"]["scan"]["std"] == pytest.approx(math.sqrt(0.5))
-    for img in (B.transfer_chart(summary, tr["methods"], "t"), B.k_ablation_chart(ka)):
+    for img in (C.transfer_chart(summary, tr["methods"], "t"), C.k_ablation_chart(ka)):
         img.save(tmp_path / "c.png")
         assert (tmp_path / "c.png").stat().st_size > 1000
