@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 import yaml
 
 from .errors import UserError
-from .validation import AtLeast, Choice, Positive, Probability, Range, Text, check_fields, field_specs,
-                         parse_fields
+from .validation import (AtLeast, Choice, Positive, Probability, Range, Text, check_fields, field_specs,
+                         parse_fields)
 
 METHODS = ("pipeline", "supervised", "moco", "supcon", "scan", "dsc")
 
