@@ -55,7 +55,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Annotated, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,7 @@ from . import data as data_lib
 from . import distributed as dist_lib
 from . import evaluation
 from .errors import UserError
+from .validation import AtLeast, Choice, Positive, Probability, Range, Text, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -85,42 +86,36 @@ class BackboneChanged(RuntimeError):
 class ProbeConfig:
     """One linear-probe evaluation. Defaults are MoCo's main_lincls.py; None means "from the model / data"."""
 
-    protocol: str = "cached"  # cached (classifier on centre-crop features extracted once) or moco (augmented crops)
-    epochs: int = 100  # training epochs of the linear layer
-    lr: float = 30.0  # initial learning rate (batch 256)
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 0.0  # SGD weight decay
-    batch_size: int = 256  # images (or cached features) per step
-    milestones: tuple[int, ...] = (60, 80)  # epochs at which lr is multiplied by 0.1
-    image_size: Optional[int] = None  # crop size (default: the model's input size; 32 on the digits)
-    eval_resize: Optional[int] = None  # resize before the centre crop (default: image_size / 0.875)
-    crop_scale_min: Optional[float] = None  # RandomResizedCrop lower scale, moco protocol (default: 0.08, MoCo's; 0.5 on the digits)
-    crop_scale_max: float = 1.0
+    protocol: Annotated[str, Choice(PROTOCOLS)] = "cached"  # cached (classifier on centre-crop features extracted once) or moco (augmented crops)
+    epochs: Annotated[int, AtLeast(1)] = 100  # training epochs of the linear layer
+    lr: Annotated[float, Positive()] = 30.0  # initial learning rate (batch 256)
+    momentum: Annotated[float, Probability()] = 0.9  # SGD momentum
+    weight_decay: Annotated[float, AtLeast(0)] = 0.0  # SGD weight decay
+    batch_size: Annotated[int, AtLeast(1)] = 256  # images (or cached features) per step
+    milestones: Annotated[tuple[int, ...], AtLeast(0)] = (60, 80)  # epochs at which lr is multiplied by 0.1
+    image_size: Annotated[Optional[int], AtLeast(1)] = None  # crop size (default: the model's input size; 32 on the digits)
+    eval_resize: Annotated[Optional[int], AtLeast(1)] = None  # resize before the centre crop (default: image_size / 0.875)
+    crop_scale_min: Annotated[Optional[float], Range(0, 1, lo_open=True)] = None  # RandomResizedCrop lower scale, moco protocol (default: 0.08, MoCo's; 0.5 on the digits)
+    crop_scale_max: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
     hflip: Optional[bool] = None  # random horizontal flip (moco protocol; default: on, off on the digits)
-    mean: Optional[tuple[float, ...]] = None  # normalisation (default: the model's)
-    std: Optional[tuple[float, ...]] = None
-    knn_k: int = 20  # kNN: neighbours
-    knn_temperature: float = 0.07  # kNN: vote weight exp(sim / T)
-    seed: int = 0  # classifier initialisation, data order, augmentation
-    num_workers: int = 2  # DataLoader workers
-    extract_batch_size: int = 256  # batch size of feature extraction
-    cache_dir: Optional[str] = None  # feature cache (default: $SCAN_ZOO_CACHE or ~/.cache/scan_zoo, /features)
+    mean: Annotated[Optional[tuple[float, ...]], Range()] = None  # normalisation (default: the model's)
+    std: Annotated[Optional[tuple[float, ...]], Positive()] = None
+    knn_k: Annotated[int, AtLeast(1)] = 20  # kNN: neighbours
+    knn_temperature: Annotated[float, Positive()] = 0.07  # kNN: vote weight exp(sim / T)
+    seed: Annotated[int, Range(-2 ** 63, 2 ** 63 - 1)] = 0  # classifier initialisation, data order, augmentation
+    num_workers: Annotated[int, AtLeast(0)] = 2  # DataLoader workers
+    extract_batch_size: Annotated[int, AtLeast(1)] = 256  # batch size of feature extraction
+    cache_dir: Annotated[Optional[str], Text()] = None  # feature cache (default: $SCAN_ZOO_CACHE or ~/.cache/scan_zoo, /features)
     progress: bool = True  # tqdm progress bars
 
     def validate(self) -> "ProbeConfig":
-        if self.protocol not in PROTOCOLS:
-            raise UserError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-        for name in ("epochs", "batch_size", "knn_k", "extract_batch_size", "image_size", "eval_resize"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"{name} must be at least 1, not {value}")
-        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0 or self.knn_temperature <= 0:
-            raise UserError("lr and the kNN temperature must be positive, momentum and weight decay not negative")
-        if self.crop_scale_min is not None and not 0 < self.crop_scale_min <= self.crop_scale_max <= 1:
-            raise UserError(f"crop scale must satisfy 0 < min <= max <= 1, not ({self.crop_scale_min}, "
-                            f"{self.crop_scale_max})")
-        if self.num_workers < 0:
-            raise UserError("num_workers cannot be negative")
+        """Every field's type and range (declared in its annotation), then the checks that span fields."""
+        check_fields(self, "the evaluation options")
+        if self.crop_scale_min is not None and self.crop_scale_min > self.crop_scale_max:
+            raise UserError(f"crop scale must satisfy min <= max, not ({self.crop_scale_min}, {self.crop_scale_max})")
+        if None not in (self.image_size, self.eval_resize) and self.eval_resize < self.image_size:
+            raise UserError(f"eval_resize {self.eval_resize} is smaller than image_size {self.image_size}: "
+                            "the centre crop would be padded")
         return self
 
 

@@ -228,6 +228,8 @@ def _show(value: Any, spec: Spec) -> str:
     """The value as the user wrote it: quoted only where the field holds text."""
     if value is None:
         return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
     return repr(value) if isinstance(value, str) and spec.base is str else str(value)
 
 
