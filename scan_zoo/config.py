@@ -19,6 +19,7 @@ from .validation import (AtLeast, Choice, Positive, Probability, Range, Text, ch
                          parse_fields)
 
 METHODS = ("pipeline", "supervised", "moco", "supcon", "scan", "dsc")
+DSC_WEIGHT = AtLeast(0, note="DSC's loss weights (instance, pixel, category) must be >= 0 and not all 0")
 
 
 @dataclass
@@ -69,9 +70,9 @@ class TrainConfig:
     dsc_sinkhorn_iters: Annotated[int, AtLeast(1)] = 3  # DSC-PM Sinkhorn-Knopp iterations (SwAV's 3)
     dsc_sinkhorn_eps: Annotated[float, Positive()] = 0.05  # DSC-PM entropy regularisation of the balanced assignment (SwAV's 0.05)
     dsc_pixel_samples: Annotated[int, AtLeast(1)] = 512  # query pixels per process in the category loss; bounds its S x (S x processes) logits
-    dsc_weight_instance: Annotated[float, AtLeast(0)] = 1.0  # weight of the instance (MoCo-v2) term; 1 so DSC with both dense weights 0 is MoCo
-    dsc_weight_pixel: Annotated[float, AtLeast(0)] = 1.0  # weight of the pixel term; DenseCL weighs its dense term equal to its global one
-    dsc_weight_category: Annotated[float, AtLeast(0)] = 1.0  # weight of the pixel-category term; no published value, so equal to the others
+    dsc_weight_instance: Annotated[float, DSC_WEIGHT] = 1.0  # weight of the instance (MoCo-v2) term; 1 so DSC with both dense weights 0 is MoCo
+    dsc_weight_pixel: Annotated[float, DSC_WEIGHT] = 1.0  # weight of the pixel term; DenseCL weighs its dense term equal to its global one
+    dsc_weight_category: Annotated[float, DSC_WEIGHT] = 1.0  # weight of the pixel-category term; no published value, so equal to the others
 
     # images and augmentation (MoCo-v2, sizes scaled to image_size)
     image_size: Annotated[int, AtLeast(2)] = 32  # training crop size

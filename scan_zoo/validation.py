@@ -27,7 +27,9 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class Bound:
-    """What values a field allows beyond its type: ``ok(value)`` and a phrase for the error line."""
+    """What values a field allows beyond its type: ``ok(value)``, and ``describe()`` for "must be ..."."""
+
+    note: str = ""  # appended to the error line, e.g. the rule several fields share
 
     def ok(self, value: Any) -> bool:
         raise NotImplementedError
@@ -44,6 +46,7 @@ class Range(Bound):
     hi: Optional[float] = None
     lo_open: bool = False
     hi_open: bool = False
+    note: str = ""
 
     def ok(self, value) -> bool:
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
@@ -55,23 +58,25 @@ class Range(Bound):
         if self.lo is not None and self.hi is not None:
             return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
         if self.lo is not None:
-            return f"{'>' if self.lo_open else '>='} {lo}"
+            return f"{'greater than' if self.lo_open else 'at least'} {lo}"
         if self.hi is not None:
-            return f"{'<' if self.hi_open else '<='} {hi}"
+            return f"{'less than' if self.hi_open else 'at most'} {hi}"
         return "any value"
 
 
 def _num(x: Optional[float]) -> str:
-    return str(int(x)) if x is not None and float(x).is_integer() else f"{x:g}" if x is not None else ""
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def Positive() -> Range:
+def Positive(note: str = "") -> Range:
     """``> 0``."""
-    return Range(0, lo_open=True)
+    return Range(0, lo_open=True, note=note)
 
 
-def AtLeast(lo: float) -> Range:
-    return Range(lo)
+def AtLeast(lo: float, note: str = "") -> Range:
+    return Range(lo, note=note)
 
 
 def Probability() -> Range:
@@ -84,12 +89,14 @@ class Choice(Bound):
     """One of a fixed set of values."""
 
     options: tuple
+    note: str = ""
 
     def ok(self, value) -> bool:
         return value in self.options
 
     def describe(self) -> str:
-        return "one of " + ", ".join(map(str, self.options))
+        quoted = [repr(o) for o in self.options]
+        return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 @dataclass(frozen=True)
@@ -97,12 +104,17 @@ class Text(Bound):
     """Any string of at least ``min_len`` characters (a path, a model name)."""
 
     min_len: int = 0
+    note: str = ""
 
     def ok(self, value) -> bool:
         return len(value) >= self.min_len
 
     def describe(self) -> str:
         return "a non-empty string" if self.min_len == 1 else f"a string of at least {self.min_len} characters"
+
+
+# what a value of each type is called in "NAME expects ...": the wording train.py has always used
+_TYPE_NAMES = {int: "a int", float: "a finite float", bool: "true or false", str: "a str"}
 
 
 @dataclass(frozen=True)
@@ -116,18 +128,21 @@ class Spec:
     element: Optional[type] = None
 
     def type_name(self) -> str:
-        name = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
-        return (f"a list of {name.get(self.element, 'values').split(' ', 1)[-1]}s" if self.base is tuple
-                else name.get(self.base, self.base.__name__))
+        if self.base is tuple:
+            text = f"a list of {_TYPE_NAMES.get(self.element, 'value').split(' ')[-1]}s"
+        else:
+            text = _TYPE_NAMES.get(self.base, f"a {self.base.__name__}")
+        return text + (" or null" if self.optional else "")
 
     def allowed(self) -> str:
+        """What the field takes, for --help: "a int at least 1", "'cpu' or 'device'"."""
         if isinstance(self.bound, (Choice, Text)):
-            text = self.bound.describe()
+            text = self.bound.describe() + (" or null" if self.optional else "")
         elif self.bound is None or self.bound.describe() == "any value":
             text = self.type_name()
         else:
-            text = f"{self.type_name()}{' each' if self.base is tuple else ''} {self.bound.describe()}"
-        return text + (", or null" if self.optional else "")
+            text = f"{self.type_name()}{', each' if self.base is tuple else ''} {self.bound.describe()}"
+        return text.replace("a int", "an integer")
 
 
 def field_specs(cls) -> dict[str, Spec]:
@@ -225,19 +240,22 @@ def _scalar(value: Any, tp: type, convert: bool) -> Any:
 
 
 def _show(value: Any, spec: Spec) -> str:
-    """The value as the user wrote it: quoted only where the field holds text."""
-    if value is None:
-        return "null"
+    """The value as the user wrote it, quoted where it is text that does not read as a number."""
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(map(str, value)) + "]"
-    return repr(value) if isinstance(value, str) and spec.base is str else str(value)
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return repr(value)
+    return str(value)
 
 
 def _one(name: str, value: Any, spec: Spec, convert: bool) -> tuple[Any, Optional[str]]:
-    """``(typed value, None)`` or ``(None, "name = value (allowed: ...)")``."""
-    problem = f"{name} = {_show(value, spec)} (allowed: {spec.allowed()})"
+    """``(typed value, None)``, or ``(None, "NAME expects a int, not 'x'")`` / ``"NAME must be at least 1, not 0"``."""
+    shown = _show(value, spec)
     if value is None:
-        return (None, None) if spec.optional else (None, problem)
+        return (None, None) if spec.optional else (None, f"{name} expects {spec.type_name()}, not null")
     try:
         if spec.base is tuple:
             if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
@@ -248,8 +266,12 @@ def _one(name: str, value: Any, spec: Spec, convert: bool) -> tuple[Any, Optiona
             out = _scalar(value, spec.base, convert)
             good = spec.bound is None or spec.base is bool or spec.bound.ok(out)
     except _Bad:
-        return None, problem
-    return (out, None) if good else (None, problem)
+        return None, f"{name} expects {spec.type_name()}, not {shown}"
+    if good:
+        return out, None
+    note = f" ({spec.bound.note})" if spec.bound.note else ""
+    each = "each " if spec.base is tuple else ""
+    return None, f"{name} must {'hold values ' if each else 'be '}{spec.bound.describe()}, not {shown}{note}"
 
 
 def _raise(problems: list[str], what: str) -> None:
