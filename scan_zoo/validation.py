@@ -15,6 +15,7 @@ at once, in one :class:`~scan_zoo.errors.UserError` line naming the field, the v
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass
@@ -145,8 +146,9 @@ class Spec:
         return text.replace("a int", "an integer")
 
 
+@functools.lru_cache(maxsize=None)
 def field_specs(cls) -> dict[str, Spec]:
-    """``{field name: Spec}`` of a config dataclass, read from its annotations."""
+    """``{field name: Spec}`` of a config dataclass, read from its annotations (once per class)."""
     hints = typing.get_type_hints(cls, include_extras=True)
     out = {}
     for f in dataclasses.fields(cls):
