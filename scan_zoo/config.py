@@ -37,9 +37,9 @@ class TrainConfig:
     epochs: Annotated[int, AtLeast(1)] = 20  # training epochs
     max_steps: Annotated[Optional[int], AtLeast(1)] = None  # cap on optimiser steps; also shortens the lr schedule
     batch_size: Annotated[int, AtLeast(2)] = 128  # images per process per step (SCAN: anchors x (K + 1))
-    lr: Annotated[float, Positive()] = 0.06  # peak learning rate for the global batch given
+    lr: Annotated[float, Range(0, 1e4, lo_open=True)] = 0.06  # peak learning rate for the global batch given
     sgd_momentum: Annotated[float, Probability()] = 0.9  # SGD momentum
-    weight_decay: Annotated[float, AtLeast(0)] = 1e-4  # SGD weight decay
+    weight_decay: Annotated[float, Range(0, 1)] = 1e-4  # SGD weight decay
     warmup_epochs: Annotated[float, AtLeast(0)] = 0.0  # linear warm-up before the cosine decay
     seed: Annotated[int, Range(0, 2 ** 32 - 1)] = 0  # seeds the sampler, augmentation and initialisation
 

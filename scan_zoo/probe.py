@@ -89,9 +89,9 @@ class ProbeConfig:
 
     protocol: Annotated[str, Choice(PROTOCOLS)] = "cached"  # cached (classifier on centre-crop features extracted once) or moco (augmented crops)
     epochs: Annotated[int, AtLeast(1)] = 100  # training epochs of the linear layer
-    lr: Annotated[float, Positive()] = 30.0  # initial learning rate (batch 256)
+    lr: Annotated[float, Range(0, 1e4, lo_open=True)] = 30.0  # initial learning rate (batch 256)
     momentum: Annotated[float, Probability()] = 0.9  # SGD momentum
-    weight_decay: Annotated[float, AtLeast(0)] = 0.0  # SGD weight decay
+    weight_decay: Annotated[float, Range(0, 1)] = 0.0  # SGD weight decay
     batch_size: Annotated[int, AtLeast(1)] = 256  # images (or cached features) per step
     milestones: Annotated[tuple[int, ...], AtLeast(0)] = (60, 80)  # epochs at which lr is multiplied by 0.1
     image_size: Annotated[Optional[int], AtLeast(1)] = None  # crop size (default: the model's input size; 32 on the digits)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import PYTHON, ROOT, run_cli
@@ -207,7 +207,8 @@ def cheap_valid_configs(draw):
     return {k: v for k, v in values.items() if v is not None or SPECS[k].optional}
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=3, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(cheap_valid_configs())
 def test_valid_configs_start_training_or_refuse_in_one_line(tiny_data_once, case):
     """The other half: a valid config takes its first step (or meets a check that needs the data, as a
