@@ -49,7 +49,7 @@ def test_changed_cache_bytes_are_recomputed_not_used(model_dir, tiny_data, tmp_p
 
     from safetensors.torch import load_file
 
-    labels = load_file(str(cache_file))["train_labels"]
+    labels = load_file(str(cache_file))["train_labels"].clone()  # not a view of the file about to change
     overwrite_tensor(cache_file, "train_labels", torch.zeros_like(labels))  # every training feature now "class 0"
     second = probe_run(model_dir, tiny_data, cache, tmp_path / "second.json")
     assert second.returncode == 0, second.stderr
