@@ -34,43 +34,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol, help=f"(default: {d.protocol})")
     p.add_argument("--out", help="results JSON (default: beside a model directory, else runs/eval/<model>/)")
     g = p.add_argument_group("linear layer (MoCo's defaults)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"(default: {d.epochs})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"(default: {d.lr})")
-    g.add_argument("--momentum", type=float, default=d.momentum, help=f"(default: {d.momentum})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default: {d.weight_decay})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
-    g.add_argument("--milestones", type=int, nargs="*", default=list(d.milestones),
+    g.add_argument("--epochs", type=str, default=d.epochs, help=f"(default: {d.epochs})")
+    g.add_argument("--lr", type=str, default=d.lr, help=f"(default: {d.lr})")
+    g.add_argument("--momentum", type=str, default=d.momentum, help=f"(default: {d.momentum})")
+    g.add_argument("--weight-decay", type=str, default=d.weight_decay, help=f"(default: {d.weight_decay})")
+    g.add_argument("--batch-size", type=str, default=d.batch_size, help=f"(default: {d.batch_size})")
+    g.add_argument("--milestones", type=str, nargs="*", default=list(d.milestones),
                    help=f"epochs at which lr is multiplied by 0.1 (default: {' '.join(map(str, d.milestones))})")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    g.add_argument("--seed", type=str, default=d.seed, help=f"(default: {d.seed})")
     g = p.add_argument_group("images")
-    g.add_argument("--image-size", type=int, help="crop size (default: the model's input size; 32 on digits)")
-    g.add_argument("--eval-resize", type=int,
+    g.add_argument("--image-size", type=str, help="crop size (default: the model's input size; 32 on digits)")
+    g.add_argument("--eval-resize", type=str,
                    help="resize before the centre crop (default: size / 0.875, MoCo's 256 / 224: 37 on digits)")
-    g.add_argument("--crop-scale-min", type=float,
+    g.add_argument("--crop-scale-min", type=str,
                    help="RandomResizedCrop lower scale, moco protocol (default: 0.08, MoCo's; 0.5 on digits)")
-    g.add_argument("--crop-scale-max", type=float, default=d.crop_scale_max, help=f"(default: {d.crop_scale_max})")
+    g.add_argument("--crop-scale-max", type=str, default=d.crop_scale_max, help=f"(default: {d.crop_scale_max})")
     g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flip, moco protocol (default: on; off on digits)")
     g = p.add_argument_group("kNN")
-    g.add_argument("--knn-k", type=int, default=d.knn_k, help=f"(default: {d.knn_k})")
-    g.add_argument("--knn-temperature", type=float, default=d.knn_temperature, help=f"(default: {d.knn_temperature})")
+    g.add_argument("--knn-k", type=str, default=d.knn_k, help=f"(default: {d.knn_k})")
+    g.add_argument("--knn-temperature", type=str, default=d.knn_temperature, help=f"(default: {d.knn_temperature})")
     g = p.add_argument_group("machinery")
     g.add_argument("--cache-dir", help="feature cache (default: ~/.cache/scan_zoo/features)")
-    g.add_argument("--num-workers", type=int, default=d.num_workers,
+    g.add_argument("--num-workers", type=str, default=d.num_workers,
                    help=f"DataLoader workers (default: {d.num_workers})")
-    g.add_argument("--extract-batch-size", type=int, default=d.extract_batch_size,
+    g.add_argument("--extract-batch-size", type=str, default=d.extract_batch_size,
                    help=f"(default: {d.extract_batch_size})")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
 
 def config_from_args(args: argparse.Namespace):
+    """The probe's config from the options, every value type- and range-checked (one UserError line)."""
     from scan_zoo.probe import ProbeConfig
+    from scan_zoo.validation import parse_fields
 
     fields = ("protocol", "epochs", "lr", "momentum", "weight_decay", "batch_size", "seed", "image_size",
               "eval_resize", "crop_scale_min", "crop_scale_max", "hflip", "knn_k", "knn_temperature", "cache_dir",
               "num_workers", "extract_batch_size", "progress")
-    return ProbeConfig(milestones=tuple(args.milestones), **{f: getattr(args, f) for f in fields}).validate()
+    raw = {"milestones": list(args.milestones), **{f: getattr(args, f) for f in fields}}
+    return ProbeConfig(**parse_fields(ProbeConfig, raw, what="the evaluation options")).validate()
 
 
 def format_table(result: dict) -> str:

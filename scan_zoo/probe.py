@@ -55,7 +55,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Annotated, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,16 +65,18 @@ from . import data as data_lib
 from . import distributed as dist_lib
 from . import evaluation
 from .errors import UserError
+from .validation import AtLeast, Choice, Positive, Probability, Range, Text, check_fields
 
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("cached", "moco")
 RESULTS_NAME = "eval_results.json"
-CACHE_FORMAT = 1  # bump when what a cache file holds changes
+CACHE_FORMAT = 2  # bump when what a cache file holds changes
 DIGITS_SIZE = 32  # the digit scenes' side in pixels
 IMAGENET_CROP_SCALE_MIN = 0.08  # main_lincls.py's RandomResizedCrop (torchvision's default scale)
 DIGITS_CROP_SCALE_MIN = 0.5  # 32-px digit scenes: smaller crops are stroke fragments (module docstring)
 LR_DECAY = 0.1  # main_lincls.py: lr x 0.1 at each milestone
+CROP_SCALE = Range(0, 1, lo_open=True, note="crop scale must satisfy 0 < min <= max <= 1")
 
 
 class BackboneChanged(RuntimeError):
@@ -85,42 +87,36 @@ class BackboneChanged(RuntimeError):
 class ProbeConfig:
     """One linear-probe evaluation. Defaults are MoCo's main_lincls.py; None means "from the model / data"."""
 
-    protocol: str = "cached"  # cached (classifier on centre-crop features extracted once) or moco (augmented crops)
-    epochs: int = 100  # training epochs of the linear layer
-    lr: float = 30.0  # initial learning rate (batch 256)
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 0.0  # SGD weight decay
-    batch_size: int = 256  # images (or cached features) per step
-    milestones: tuple[int, ...] = (60, 80)  # epochs at which lr is multiplied by 0.1
-    image_size: Optional[int] = None  # crop size (default: the model's input size; 32 on the digits)
-    eval_resize: Optional[int] = None  # resize before the centre crop (default: image_size / 0.875)
-    crop_scale_min: Optional[float] = None  # RandomResizedCrop lower scale, moco protocol (default: 0.08, MoCo's; 0.5 on the digits)
-    crop_scale_max: float = 1.0
+    protocol: Annotated[str, Choice(PROTOCOLS)] = "cached"  # cached (classifier on centre-crop features extracted once) or moco (augmented crops)
+    epochs: Annotated[int, AtLeast(1)] = 100  # training epochs of the linear layer
+    lr: Annotated[float, Range(0, 1e4, lo_open=True)] = 30.0  # initial learning rate (batch 256)
+    momentum: Annotated[float, Probability()] = 0.9  # SGD momentum
+    weight_decay: Annotated[float, Range(0, 1)] = 0.0  # SGD weight decay
+    batch_size: Annotated[int, AtLeast(1)] = 256  # images (or cached features) per step
+    milestones: Annotated[tuple[int, ...], AtLeast(0)] = (60, 80)  # epochs at which lr is multiplied by 0.1
+    image_size: Annotated[Optional[int], AtLeast(1)] = None  # crop size (default: the model's input size; 32 on the digits)
+    eval_resize: Annotated[Optional[int], AtLeast(1)] = None  # resize before the centre crop (default: image_size / 0.875)
+    crop_scale_min: Annotated[Optional[float], CROP_SCALE] = None  # RandomResizedCrop lower scale, moco protocol (default: 0.08, MoCo's; 0.5 on the digits)
+    crop_scale_max: Annotated[float, CROP_SCALE] = 1.0
     hflip: Optional[bool] = None  # random horizontal flip (moco protocol; default: on, off on the digits)
-    mean: Optional[tuple[float, ...]] = None  # normalisation (default: the model's)
-    std: Optional[tuple[float, ...]] = None
-    knn_k: int = 20  # kNN: neighbours
-    knn_temperature: float = 0.07  # kNN: vote weight exp(sim / T)
-    seed: int = 0  # classifier initialisation, data order, augmentation
-    num_workers: int = 2  # DataLoader workers
-    extract_batch_size: int = 256  # batch size of feature extraction
-    cache_dir: Optional[str] = None  # feature cache (default: $SCAN_ZOO_CACHE or ~/.cache/scan_zoo, /features)
+    mean: Annotated[Optional[tuple[float, ...]], Range()] = None  # normalisation (default: the model's)
+    std: Annotated[Optional[tuple[float, ...]], Positive()] = None
+    knn_k: Annotated[int, AtLeast(1)] = 20  # kNN: neighbours
+    knn_temperature: Annotated[float, Positive()] = 0.07  # kNN: vote weight exp(sim / T)
+    seed: Annotated[int, Range(-2 ** 63, 2 ** 63 - 1)] = 0  # classifier initialisation, data order, augmentation
+    num_workers: Annotated[int, AtLeast(0)] = 2  # DataLoader workers
+    extract_batch_size: Annotated[int, AtLeast(1)] = 256  # batch size of feature extraction
+    cache_dir: Annotated[Optional[str], Text()] = None  # feature cache (default: $SCAN_ZOO_CACHE or ~/.cache/scan_zoo, /features)
     progress: bool = True  # tqdm progress bars
 
     def validate(self) -> "ProbeConfig":
-        if self.protocol not in PROTOCOLS:
-            raise UserError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-        for name in ("epochs", "batch_size", "knn_k", "extract_batch_size", "image_size", "eval_resize"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"{name} must be at least 1, not {value}")
-        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0 or self.knn_temperature <= 0:
-            raise UserError("lr and the kNN temperature must be positive, momentum and weight decay not negative")
-        if self.crop_scale_min is not None and not 0 < self.crop_scale_min <= self.crop_scale_max <= 1:
-            raise UserError(f"crop scale must satisfy 0 < min <= max <= 1, not ({self.crop_scale_min}, "
-                            f"{self.crop_scale_max})")
-        if self.num_workers < 0:
-            raise UserError("num_workers cannot be negative")
+        """Every field's type and range (declared in its annotation), then the checks that span fields."""
+        check_fields(self, "the evaluation options")
+        if self.crop_scale_min is not None and self.crop_scale_min > self.crop_scale_max:
+            raise UserError(f"crop scale must satisfy min <= max, not ({self.crop_scale_min}, {self.crop_scale_max})")
+        if None not in (self.image_size, self.eval_resize) and self.eval_resize < self.image_size:
+            raise UserError(f"eval_resize {self.eval_resize} is smaller than image_size {self.image_size}: "
+                            "the centre crop would be padded")
         return self
 
 
@@ -268,23 +264,62 @@ def _everyone(flag: bool, device) -> bool:
     return all(dist_lib.gather_sizes(int(flag), torch.device(device)))
 
 
+CACHE_TENSORS = ("train_features", "train_labels", "val_features", "val_labels")
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors (sorted names, dtypes, shapes, bytes): what a cache file's contents must hash to."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
+        h.update(_bits(t).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_feature_cache(path: Path, what: dict) -> tuple[Optional[dict], Optional[str]]:
+    """``(tensors, None)`` if ``path`` holds the features ``what`` describes, byte for byte as written;
+    else ``(None, why not)``. The file records ``what`` and the sha256 of its tensors, both compared here:
+    a file renamed, copied from another run, edited or damaged is never taken for the features it claims."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # truncated, not safetensors, unreadable: the reason goes into the log line
+        return None, f"unreadable ({e})"
+    try:
+        recorded = json.loads(meta.get("scan_zoo_feature_cache", ""))
+    except ValueError:
+        recorded = None
+    if recorded != what:
+        return None, "it records other weights, data or settings than the ones it is named after"
+    if sorted(tensors) != sorted(CACHE_TENSORS):
+        return None, f"it holds {sorted(tensors)}, not {list(CACHE_TENSORS)}"
+    if meta.get("tensors_sha256") != tensors_digest(tensors):
+        return None, "its tensors' sha256 differs from the one recorded when it was written (the file changed)"
+    return tensors, None
+
+
 def centre_crop_features(backbone: nn.Module, train, val, cfg: ProbeConfig, device="cpu") -> dict:
     """Centre-crop features of both splits, from the cache when it holds them, else extracted and cached.
 
     Returns ``{"train_features" float32 [N, D], "train_labels" int64 [N], "val_features" [M, D],
     "val_labels" [M], "cache_path": str, "cache_hit": bool}``. The cache file is
-    ``<cache_dir>/<cache_key>.safetensors``, written atomically by the main process.
+    ``<cache_dir>/<cache_key>.safetensors``, written atomically by the main process, with the key's inputs
+    and its tensors' sha256 in its metadata; a file that fails :func:`read_feature_cache` is recomputed
+    (one warning line says why), never used.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     key, what = cache_key(backbone, train, val, cfg)
     path = Path(cfg.cache_dir or default_cache_dir()) / f"{key}.safetensors"
     tensors = None
     if _everyone(path.is_file(), device):  # every process must take the same branch (extraction is collective)
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:  # a truncated or foreign file: extract again
-            logger.warning("ignoring unreadable feature cache %s: %s", path, e)
+        tensors, problem = read_feature_cache(path, what)
+        if problem:
+            logger.warning("feature cache %s not used, recomputing the features: %s", path, problem)
     hit = _everyone(tensors is not None, device)
     if not hit:
         tf = eval_transform(cfg)
@@ -296,7 +331,8 @@ def centre_crop_features(backbone: nn.Module, train, val, cfg: ProbeConfig, devi
         if dist_lib.rank() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file(tensors, str(tmp), metadata={"scan_zoo_feature_cache": json.dumps(what)})
+            save_file(tensors, str(tmp), metadata={"scan_zoo_feature_cache": json.dumps(what),
+                                                   "tensors_sha256": tensors_digest(tensors)})
             os.replace(tmp, path)
     return {**tensors, "cache_path": str(path), "cache_hit": hit}
 
