@@ -202,7 +202,7 @@ def cheap_valid_configs(draw):
              "stop_after_steps": st.none(), "save_every_steps": st.none()}
     values = {}
     for name, spec in SPECS.items():
-        strategy = fixed.get(name) or small.get(name) or valid_values(name, spec)
+        strategy = fixed[name] if name in fixed else small[name] if name in small else valid_values(name, spec)
         values[name] = draw(strategy)
     return {k: v for k, v in values.items() if v is not None or SPECS[k].optional}
 
@@ -239,19 +239,41 @@ FOUND_CLI = [["--jitter-hue", "0.9"], ["--crop-scale-min", "2"], ["--sgd-momentu
 FOUND_YAML = ["model: null\n", "max_steps: .inf\n", "batch_size: 8.9\n"]
 
 
-@pytest.mark.parametrize("args", FOUND_CLI + [["--config", y] for y in FOUND_YAML], ids=lambda a: " ".join(a).strip())
-def test_found_values_are_one_line_and_exit_2_before_any_work(args, tmp_path):
+def _found_case(args, tmp_path):
+    """(argv for train.py, the field the one line must name); a YAML case's recipe is written to tmp_path."""
     field = args[1].split(":")[0] if args[0] == "--config" else args[0].lstrip("-").replace("-", "_")
     if args[0] == "--config":
         (tmp_path / "r.yaml").write_text(args[1])
         args = ["--config", str(tmp_path / "r.yaml")]
-    run = tmp_path / "run"
-    p = run_cli([PYTHON, "train.py", "--method", "moco", "--max-steps", "1", "--num-workers", "0",
-                 "--data", str(tmp_path / "no-data-needed"), "--output-dir", str(run), *args], timeout=120)
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    return ["--method", "moco", "--num-workers", "0", "--data", str(tmp_path / "no-data-needed"),
+            "--output-dir", str(tmp_path / "run"), *args], field
+
+
+def _check_one_line(code, stderr, field, run):
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, stderr
     assert lines[0].startswith("train.py: error: bad value") and field in lines[0], lines[0]
     assert not run.exists()
+
+
+@pytest.mark.parametrize("args", FOUND_CLI + [["--config", y] for y in FOUND_YAML], ids=lambda a: " ".join(a).strip())
+def test_found_values_are_one_line_and_exit_2_before_any_work(args, tmp_path, capsys):
+    """train.py's main, in this process (each case is parsed and refused before torch does any work)."""
+    import train
+
+    argv, field = _found_case(args, tmp_path)
+    capsys.readouterr()
+    code = train.main(argv)
+    _check_one_line(code, capsys.readouterr().err, field, tmp_path / "run")
+
+
+@pytest.mark.parametrize("args", [["--temperature", "inf"], ["--config", "batch_size: 8.9\n"]],
+                         ids=lambda a: " ".join(a).strip())
+def test_found_values_as_a_user_runs_them(args, tmp_path):
+    """The same refusal from the real command in its own process (a command line and a YAML case)."""
+    argv, field = _found_case(args, tmp_path)
+    p = run_cli([PYTHON, "train.py", *argv], timeout=300)
+    _check_one_line(p.returncode, p.stderr, field, tmp_path / "run")
 
 
 @pytest.mark.parametrize("args", [["--eval-resize", "-5"], ["--lr", "inf"], ["--momentum", "-1"],
