@@ -276,7 +276,7 @@ def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpo
         read_lock(lock_path())  # a lock that cannot take the record is refused before anything is uploaded
     api = HfApi(endpoint=endpoint, token=token)
     with hub_call(f"upload of {meta['name']} to {repo_id}", endpoint or api.endpoint, token,
-                  after="nothing was recorded in the lock"):
+                  after="nothing was recorded in the lock", replies=True):
         api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                                  commit_message=f"scan_zoo: {meta['name']} (sha256 {meta['sha256'][:12]})",

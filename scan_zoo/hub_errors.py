@@ -65,20 +65,32 @@ def quiet_hub_logging() -> Iterator[None]:
         hf_logger.setLevel(old)
 
 
+#: what huggingface_hub raises when a server's answer is not what the Hub would send (a missing key, an
+#: unparsable URL or JSON document)
+MALFORMED_REPLY = (KeyError, TypeError, ValueError)
+
+
 @contextlib.contextmanager
-def hub_call(what: str, endpoint: Optional[str], token: Optional[str] = None, after: str = "") -> Iterator[None]:
+def hub_call(what: str, endpoint: Optional[str], token: Optional[str] = None, after: str = "",
+             replies: bool = False) -> Iterator[None]:
     """Run Hub requests; a network or HTTP failure becomes ``UserError("<what> at <endpoint> failed: ...")``.
 
-    ``after`` is appended to the message (e.g. what was, or was not, recorded).
+    ``after`` is appended to the message (e.g. what was, or was not, recorded). With ``replies``, the block
+    holds only client calls, so an error parsing a reply (:data:`MALFORMED_REPLY`) is the server's too.
     """
     errors = network_error_types()
+    where = endpoint or _default_endpoint()
+    tail = f"; {after}" if after else ""
     with quiet_hub_logging():
         try:
             yield
         except errors as e:
-            where = endpoint or _default_endpoint()
-            tail = f"; {after}" if after else ""
             raise UserError(f"{what} at {where} failed: {describe(e, token)}{tail}") from None
+        except MALFORMED_REPLY as e:
+            if not replies:
+                raise
+            raise UserError(f"{what} at {where} failed: the server's reply is malformed ({describe(e, token)})"
+                            f"{tail}") from None
 
 
 def _default_endpoint() -> str:

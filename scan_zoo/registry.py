@@ -244,8 +244,9 @@ def check_repo_id(value, where: str = "") -> str:
     """``ORG/NAME`` with Hub-safe characters only: no '..', '--', absolute paths, URL schemes or extra slashes."""
     parts = value.split("/") if isinstance(value, str) else []
     if len(parts) != 2 or not all(_REPO_PART.fullmatch(p) for p in parts) or ".." in value or "--" in value:
-        raise UserError(f"{where + ': ' if where else ''}not a Hub repository id: {value!r} (expected ORG/NAME: letters, digits, '-', "
-                        "'_', '.'; no '..', slashes, schemes or absolute paths)")
+        what = f"{where}: hf_hub_id {value!r}" if where else repr(value)
+        raise UserError(f"{what} is not a Hub repository id (expected ORG/NAME: letters, digits, '-', '_', '.'; "
+                        "no '..', slashes, schemes or absolute paths)")
     return value
 
 
