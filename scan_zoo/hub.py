@@ -261,8 +261,10 @@ def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpo
     """Upload an exported folder to ``repo_id`` (created if needed); record revision and sha256 in the lock.
 
     Everything is checked before the first request: the repository id, a token (``HF_TOKEN`` or
-    ``huggingface-cli login``), and that the export's files agree. The token is never printed.
-    Returns ``{"repo_id", "revision", "commit_url", "sha256", "name"}``.
+    ``huggingface-cli login``), that the export's files agree and that the lock file is well formed. The token
+    is never printed. The revision recorded is the commit id the server's reply names, and only if it is one
+    (40 hex digits); a failed request, a malformed reply or any other revision is one error line and nothing is
+    recorded. Returns ``{"repo_id", "revision", "commit_url", "sha256", "name"}``.
     """
     from huggingface_hub import HfApi, get_token
 
