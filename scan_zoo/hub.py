@@ -28,7 +28,8 @@ from typing import Optional
 from .errors import UserError
 from .hub_errors import hub_call
 from .models import CONFIG_NAME, WEIGHTS_NAME, create_backbone, load_strict
-from .registry import ZooEntry, check_repo_id, check_revision, check_sha256, get_entry, lock_path, read_lock, record
+from .registry import (ZooEntry, check_repo_id, check_revision, check_sha256, get_entry, lock_path, read_lock,
+                       record)
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ outside the Hub cache.
 """
 import hashlib
 import json
-import os
 import re
 import socket
 import threading
@@ -242,7 +241,7 @@ def test_a_lock_entry_with_a_bad_field_is_one_line_naming_file_and_entry(field, 
     line = one_line(capsys.readouterr().err)
     assert str(lock) in line and repr(ENTRY) in line and field in line, line
     with pytest.raises(UserError, match=re.escape(str(lock))):
-        registry.get_entry(ENTRY).facts
+        _ = registry.get_entry(ENTRY).facts
     assert lock.read_bytes() == before
 
 
