@@ -8,7 +8,9 @@ An exported model is a folder of three files, the same on disk, on the Hub and i
 - ``README.md``: the model card, generated (:mod:`scan_zoo.cards`);
 - ``eval_results.json`` when the model was evaluated (``eval_linear.py``).
 
-Weights are safetensors only; every sha256 the registry knows is checked before a file is read.
+Weights are safetensors only; every sha256 the registry knows is checked before a file is read. Zoo weights
+are downloaded by :func:`download_weights` alone: it asks the Hub for the lock's commit id, and every part of
+the cache path it writes comes from the checked lock entry, never from the server's reply.
 """
 from __future__ import annotations
 
@@ -24,14 +26,15 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
+from .hub_errors import hub_call
 from .models import CONFIG_NAME, WEIGHTS_NAME, create_backbone, load_strict
-from .registry import ZooEntry, get_entry, record
+from .registry import (ZooEntry, check_repo_id, check_revision, check_sha256, get_entry, lock_path, read_lock,
+                       record)
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 RESULTS_NAME = "eval_results.json"
-_REPO_PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -77,26 +80,12 @@ def verify_sha256(path: str | Path, expected: str, what: str, read: bool = False
     return data
 
 
-def check_repo_id(repo_id: str) -> str:
-    """``ORG/NAME`` with Hub-safe characters only: no '..', absolute paths, URL schemes or extra slashes."""
-    parts = repo_id.split("/") if isinstance(repo_id, str) else []
-    if (len(parts) != 2 or not all(_REPO_PART.fullmatch(p) for p in parts) or ".." in repo_id
-            or "--" in repo_id):
-        raise UserError(f"not a Hub repository id: {repo_id!r} (expected ORG/NAME: letters, digits, '-', '_', '.'; "
-                        "no '..', slashes, schemes or absolute paths)")
-    return repo_id
-
-
 def check_filename(name: str) -> str:
     """A file name inside a repository: relative, no '..' component, no scheme, no backslash."""
     p = Path(name)
     if (not name or p.is_absolute() or ".." in p.parts or "\\" in name or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name)):
         raise UserError(f"refusing file name {name!r}: it must be a plain relative path inside the repository")
     return name
-
-
-def _scrub(text: str, token: Optional[str]) -> str:
-    return text.replace(token, "***") if token else text
 
 
 # ------------------------------------------------------------------------------------------ download
@@ -110,12 +99,75 @@ def weights_path(entry: ZooEntry, cache_dir: Optional[str] = None) -> Path:
     if entry.status == "recipe":
         raise UserError(f"{entry.name} is a recipe: no weights have been published for it yet. Train it with "
                         f"`{entry.recipe_command}`, or pick an entry with weights (scan-zoo list)")
-    from huggingface_hub import hf_hub_download
+    return download_weights(entry, cache_dir)
 
-    facts = entry.facts
-    repo_id = check_repo_id(facts["hf_hub_id"])
-    return Path(hf_hub_download(repo_id, check_filename(WEIGHTS_NAME), revision=facts["revision"],
-                                cache_dir=cache_dir))
+
+def _printable(text) -> str:
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
+def download_weights(entry: ZooEntry, cache_dir: Optional[str] = None) -> Path:
+    """The entry's ``model.safetensors`` at the lock's commit id, in huggingface_hub's cache layout.
+
+    The path is ``<cache>/models--ORG--NAME/snapshots/<revision>/model.safetensors`` (a link to
+    ``blobs/<sha256>``), every part taken from the checked lock entry, so what huggingface_hub itself caches
+    (and ``HF_HUB_OFFLINE=1``) is found and used. A download is hashed as it streams in and kept only if it
+    has the lock's sha256; the server's headers (its commit id, ETag) name no file.
+    """
+    from huggingface_hub import constants
+
+    facts, where = entry.facts, f"the zoo's lock entry {entry.name!r}"
+    repo_id = check_repo_id(facts.get("hf_hub_id"), where)
+    revision = check_revision(facts.get("revision"), where)
+    expected = check_sha256(facts.get("sha256"), where)
+    storage = Path(cache_dir or constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = storage / "snapshots" / revision / WEIGHTS_NAME
+    if snapshot.is_file():
+        return snapshot
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"HF_HUB_OFFLINE is set and {entry.name} ({repo_id} at {revision}) is not in the cache "
+                        f"{storage}: unset HF_HUB_OFFLINE to download it")
+    blob = storage / "blobs" / expected
+    if not blob.is_file():
+        _fetch_blob(entry.name, repo_id, revision, expected, blob)
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    tmp = snapshot.with_name(f".{WEIGHTS_NAME}.{os.getpid()}.tmp")
+    try:
+        os.symlink(os.path.relpath(blob, snapshot.parent), tmp)
+    except OSError:  # no symlinks here (some Windows set-ups): a copy, as huggingface_hub does
+        shutil.copyfile(blob, tmp)
+    os.replace(tmp, snapshot)
+    return snapshot
+
+
+def _fetch_blob(name: str, repo_id: str, revision: str, expected: str, blob: Path) -> None:
+    """GET ``repo_id``'s weights at ``revision`` into ``blob``, only if their sha256 is ``expected``."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, WEIGHTS_NAME, revision=revision)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    tmp = blob.with_name(f"{expected}.{os.getpid()}.incomplete")
+    digest = hashlib.sha256()
+    try:
+        with hub_call(f"downloading {name} ({repo_id} at {revision})", constants.ENDPOINT,
+                      after="nothing was written to the cache"):
+            with get_session().stream("GET", url, headers=build_hf_headers(), follow_redirects=True,
+                                      timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+                if response.status_code >= 400:
+                    response.read()  # the error message is in the body
+                hf_raise_for_status(response)
+                with open(tmp, "wb") as f:
+                    for chunk in response.iter_bytes(1 << 20):
+                        digest.update(chunk)
+                        f.write(chunk)
+        if digest.hexdigest() != expected:
+            raise UserError(f"sha256 mismatch for {name} (downloaded from {_printable(url)}): expected {expected}, "
+                            f"got {digest.hexdigest()}. The Hub served a file other than the one the zoo recorded; "
+                            "nothing was kept in the cache")
+        os.replace(tmp, blob)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_verified(entry: ZooEntry, cache_dir: Optional[str] = None) -> dict:
@@ -210,11 +262,12 @@ def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpo
     """Upload an exported folder to ``repo_id`` (created if needed); record revision and sha256 in the lock.
 
     Everything is checked before the first request: the repository id, a token (``HF_TOKEN`` or
-    ``huggingface-cli login``), and that the export's files agree. The token is never printed.
-    Returns ``{"repo_id", "revision", "commit_url", "sha256", "name"}``.
+    ``huggingface-cli login``), that the export's files agree and that the lock file is well formed. The token
+    is never printed. The revision recorded is the commit id the server's reply names, and only if it is one
+    (40 hex digits); a failed request, a malformed reply or any other revision is one error line and nothing is
+    recorded. Returns ``{"repo_id", "revision", "commit_url", "sha256", "name"}``.
     """
     from huggingface_hub import HfApi, get_token
-    from huggingface_hub.utils import HfHubHTTPError
 
     check_repo_id(repo_id)
     token = token or get_token()
@@ -222,19 +275,26 @@ def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpo
         raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was uploaded)")
     cfg = verify_export(folder)
     meta = cfg["scan_zoo"]
+    if record_lock:
+        read_lock(lock_path())  # a lock that cannot take the record is refused before anything is uploaded
     api = HfApi(endpoint=endpoint, token=token)
-    try:
+    with hub_call(f"upload of {meta['name']} to {repo_id}", endpoint or api.endpoint, token,
+                  after="nothing was recorded in the lock", replies=True):
         api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                                  commit_message=f"scan_zoo: {meta['name']} (sha256 {meta['sha256'][:12]})",
                                  allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, RESULTS_NAME])
-    except HfHubHTTPError as e:
-        raise UserError(f"upload to {repo_id} failed: {_scrub(str(e), token)}") from None
-    out = {"name": meta["name"], "repo_id": repo_id, "revision": info.oid, "commit_url": info.commit_url,
-           "sha256": meta["sha256"]}
+    try:
+        revision = check_revision(getattr(info, "oid", None),
+                                  f"the Hub at {endpoint or api.endpoint} answered the upload to {repo_id}")
+    except UserError as e:
+        raise UserError(f"{e}; nothing was recorded in the lock (check {repo_id} on the Hub: the upload may have "
+                        "landed)") from None
+    out = {"name": meta["name"], "repo_id": repo_id, "revision": revision,
+           "commit_url": _printable(getattr(info, "commit_url", "")), "sha256": meta["sha256"]}
     if record_lock:
         results_file = Path(folder) / RESULTS_NAME
-        facts = {"hf_hub_id": repo_id, "revision": info.oid, "sha256": meta["sha256"],
+        facts = {"hf_hub_id": repo_id, "revision": revision, "sha256": meta["sha256"],
                  "published": date.today().isoformat()}
         if results_file.is_file():
             facts["metrics"] = json.loads(results_file.read_text())

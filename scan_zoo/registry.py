@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -217,11 +218,69 @@ def find_entry(arch: Optional[str], tag: Optional[str]) -> Optional[ZooEntry]:
     return None
 
 
+# ------------------------------------------------------------------------------------ checked facts
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+
+
+def check_revision(value, where: str) -> str:
+    """A Hub commit id: exactly 40 lowercase hex digits. Branch and tag names move, so they pin nothing, and a
+    server-chosen string must never become part of a cache path (``refs/<revision>``)."""
+    if not (isinstance(value, str) and _COMMIT.fullmatch(value)):
+        raise UserError(f"{where}: revision {value!r} is not a commit id (40 lowercase hex digits); branch names, "
+                        "tags and short ids do not pin weights")
+    return value
+
+
+def check_sha256(value, where: str) -> str:
+    """A sha256 hex digest: exactly 64 lowercase hex digits."""
+    if not (isinstance(value, str) and _SHA256.fullmatch(value)):
+        raise UserError(f"{where}: sha256 {value!r} is not a sha256 digest (64 lowercase hex digits)")
+    return value
+
+
+def check_repo_id(value, where: str = "") -> str:
+    """``ORG/NAME`` with Hub-safe characters only: no '..', '--', absolute paths, URL schemes or extra slashes."""
+    parts = value.split("/") if isinstance(value, str) else []
+    if len(parts) != 2 or not all(_REPO_PART.fullmatch(p) for p in parts) or ".." in value or "--" in value:
+        what = f"{where}: hf_hub_id {value!r}" if where else repr(value)
+        raise UserError(f"{what} is not a Hub repository id (expected ORG/NAME: letters, digits, '-', '_', '.'; "
+                        "no '..', slashes, schemes or absolute paths)")
+    return value
+
+
+_CHECKS = {"revision": check_revision, "sha256": check_sha256, "hf_hub_id": check_repo_id}
+
+
+def check_facts(name: str, facts, where: str) -> dict:
+    """A lock entry: a JSON object whose revision, sha256 and hf_hub_id (where present) are well formed."""
+    if not isinstance(facts, dict):
+        raise UserError(f"{where}: entry {name!r} is not a JSON object")
+    for key, check in _CHECKS.items():
+        if key in facts:
+            check(facts[key], f"{where}, entry {name!r}")
+    return facts
+
+
 # ------------------------------------------------------------------------------------------- the lock
 _LOCK_CACHE: dict = {}  # path -> ((mtime_ns, size), parsed lock): entries read the lock many times each
 
 
+def _parse_lock(path: Path) -> dict:
+    try:
+        lock = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"the zoo's lock file {path} is not valid JSON: {e}") from None
+    if not isinstance(lock, dict):
+        raise UserError(f"the zoo's lock file {path} is not a JSON object")
+    for name, facts in lock.items():
+        check_facts(name, facts, f"the zoo's lock file {path}")
+    return lock
+
+
 def read_lock(path: Optional[Path] = None) -> dict:
+    """The lock file's entries, every revision, sha256 and repository id checked (a bad one: UserError)."""
     path = Path(path) if path else lock_path()
     if not path.is_file():
         return {}
@@ -229,19 +288,19 @@ def read_lock(path: Optional[Path] = None) -> dict:
     stamp = (st.st_mtime_ns, st.st_size)
     cached = _LOCK_CACHE.get(str(path))
     if cached is None or cached[0] != stamp:
-        try:
-            cached = (stamp, json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise UserError(f"the zoo's lock file {path} is not valid JSON: {e}") from None
+        cached = (stamp, _parse_lock(path))
         _LOCK_CACHE[str(path)] = cached
     return json.loads(json.dumps(cached[1]))  # a copy: callers may modify what they get
 
 
 def record(name: str, facts: dict, path: Optional[Path] = None) -> Path:
-    """Merge ``facts`` (sha256, hf_hub_id, revision, metrics, ...) into the lock entry of ``name``."""
+    """Merge ``facts`` (sha256, hf_hub_id, revision, metrics, ...) into the lock entry of ``name``.
+
+    The merged entry is checked before anything is written: a malformed revision, sha256 or repository id
+    leaves the lock file as it was."""
     path = Path(path) if path else lock_path()
     lock = read_lock(path)
-    lock[name] = {**lock.get(name, {}), **facts}
+    lock[name] = check_facts(name, {**lock.get(name, {}), **facts}, f"refusing to record in {path}")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(dict(sorted(lock.items())), indent=2) + "\n")
     os.replace(tmp, path)

@@ -14,14 +14,40 @@ After :func:`install`:
 - ``timm.list_pretrained('*scan*')`` lists the entries that have weights; recipe-only entries are
   registered too (``pretrained=False`` works) but asking for their weights is a clear error, never a
   silent random initialisation.
+
+A lock file with a malformed entry does not break ``import scan_zoo``: the tags are registered without
+weights, and asking for an entry's weights (or ``scan-zoo list``) reports the lock's problem in one line.
 """
 from __future__ import annotations
 
 import functools
 
+from .errors import UserError
 from .registry import ENTRIES, ZooEntry, find_entry
 
 _MARK = "_scan_zoo_hook"
+
+
+def _facts(entry: ZooEntry) -> dict:
+    """The entry's lock facts, or none while the lock is malformed (its error is raised where weights are used)."""
+    try:
+        return entry.facts
+    except UserError:
+        return {}
+
+
+def _has_weights(entry: ZooEntry) -> bool:
+    try:
+        return entry.has_weights
+    except UserError:
+        return False
+
+
+def _status(entry: ZooEntry) -> str:
+    try:
+        return entry.status
+    except UserError:
+        return "lock file malformed"
 
 
 def pretrained_cfg(entry: ZooEntry):
@@ -30,7 +56,7 @@ def pretrained_cfg(entry: ZooEntry):
     from timm.models import PretrainedCfg
 
     arch_default = timm.models.get_pretrained_cfg(entry.arch)  # only for the classifier / first conv names
-    facts = entry.facts
+    facts, status = _facts(entry), _status(entry)
     hub_id = None
     if facts.get("hf_hub_id"):
         hub_id = f"{facts['hf_hub_id']}@{facts['revision']}" if facts.get("revision") else facts["hf_hub_id"]
@@ -38,12 +64,12 @@ def pretrained_cfg(entry: ZooEntry):
         hub_id = entry.hf_hub_id
     return PretrainedCfg(
         architecture=entry.arch, tag=entry.tag,
-        file=str(entry.weights_dir / "model.safetensors") if entry.status == "shipped" else None,
+        file=str(entry.weights_dir / "model.safetensors") if status == "shipped" else None,
         hf_hub_id=hub_id, hf_hub_filename="model.safetensors",
         num_classes=0, classifier=arch_default.classifier if arch_default else None,
         first_conv=arch_default.first_conv if arch_default else None,
         license=entry.license, paper_name=entry.paper[0], paper_ids=entry.paper[1],
-        notes=f"scan_zoo {entry.method} ({entry.status})",
+        notes=f"scan_zoo {entry.method} ({status})",
         **entry.preprocess.timm_fields(),
     )
 
@@ -68,7 +94,7 @@ def register_tags(entries=ENTRIES) -> None:
         reg._model_pretrained_cfgs[entry.name] = cfg
         if entry.name not in reg._model_with_tags[entry.arch]:
             reg._model_with_tags[entry.arch].append(entry.name)
-        if entry.has_weights:
+        if _has_weights(entry):
             reg._model_has_pretrained.add(entry.name)
         else:
             reg._model_has_pretrained.discard(entry.name)
