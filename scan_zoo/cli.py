@@ -16,8 +16,9 @@ def _cmd_data(args) -> int:
 
 def _cmd_mine(args) -> int:
     from . import data as data_lib
-    from .mining import mine_dataset
+    from .mining import check_k, mine_dataset
 
+    check_k(args.k)  # before the data are rendered or listed
     root = data_lib.resolve_data_root(args.data, args.data_cache)
     out = Path(args.out)
     mine_dataset(args.model, root, out, args.k, args.image_size, args.eval_resize, arch=args.arch,

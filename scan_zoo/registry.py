@@ -21,6 +21,7 @@ from typing import Optional
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
+from .readers import read_json_object
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = PACKAGE_DIR / "weights"  # shipped weights: WEIGHTS_DIR/<arch>.<tag>/model.safetensors
@@ -156,7 +157,7 @@ class ZooEntry:
         """Evaluation results (``eval_results.json`` of the shipped weights, or recorded at publishing)."""
         if self.status == "shipped":
             path = self.weights_dir / "eval_results.json"
-            return json.loads(path.read_text()) if path.is_file() else {}
+            return read_json_object(path) if path.is_file() else {}
         return self.facts.get("metrics", {})
 
 
@@ -229,10 +230,7 @@ def read_lock(path: Optional[Path] = None) -> dict:
     stamp = (st.st_mtime_ns, st.st_size)
     cached = _LOCK_CACHE.get(str(path))
     if cached is None or cached[0] != stamp:
-        try:
-            cached = (stamp, json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise UserError(f"the zoo's lock file {path} is not valid JSON: {e}") from None
+        cached = (stamp, read_json_object(path))
         _LOCK_CACHE[str(path)] = cached
     return json.loads(json.dumps(cached[1]))  # a copy: callers may modify what they get
 
