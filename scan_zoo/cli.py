@@ -34,7 +34,7 @@ def _cmd_convert_timm(args) -> int:
 
     state = read_checkpoint(args.checkpoint)
     layout = detect_layout(state)
-    weights = to_timm(state, args.arch, layout)
+    weights = to_timm(state, args.arch, layout, source=str(args.checkpoint))
     model = create_backbone(args.arch)
     model.load_state_dict(weights, strict=True)
     out = export_backbone(model, Path(args.out), data_config_for(args.image_size, None, IMAGENET_MEAN, IMAGENET_STD),

@@ -50,10 +50,11 @@ def detect_layout(state: dict) -> str:
                     + ", ".join(repr(p) for p, _ in LAYOUTS.values()))
 
 
-def to_timm(state: dict, arch: str, layout: str | None = None, reference=None) -> dict:
+def to_timm(state: dict, arch: str, layout: str | None = None, reference=None, source: str | None = None) -> dict:
     """Backbone weights in plain timm keys for ``arch`` (built with ``num_classes=0``), checked strictly.
 
-    ``reference`` is an already built ``arch`` backbone to check against (saves building another).
+    ``reference`` is an already built ``arch`` backbone to check against (saves building another); ``source``
+    names the file in errors.
     """
     layout = layout or detect_layout(state)
     prefix, head = LAYOUTS[layout]
@@ -74,7 +75,7 @@ def to_timm(state: dict, arch: str, layout: str | None = None, reference=None) -
     bad = sorted(k for k in want if tuple(want[k].shape) != tuple(out[k].shape))
     if bad:
         raise UserError(f"{layout} checkpoint has wrong shapes for {arch}: {bad[:5]}")
-    check_dtypes(want, out, f"the {layout} checkpoint")
+    check_dtypes(want, out, f"the {layout} checkpoint {source}" if source else f"the {layout} checkpoint")
     return {k: out[k].detach().clone().contiguous() for k in want}
 
 

@@ -103,10 +103,10 @@ def _checkpoint_arch(path: Path) -> Optional[str]:
 _LOCAL_DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
 
-def _read_local_dir(ref: str) -> Optional[dict]:
+def _read_local_dir(ref: str) -> tuple[Optional[dict], str]:
     """Check a ``local-dir:PATH`` folder's files before timm reads them: ``config.json`` is an object naming
-    an architecture, and the weights file timm picks parses. Returns those weights (``None``: timm's other
-    file names, which timm reads itself)."""
+    an architecture, and the weights file timm picks parses. Returns those weights and their path (``None``:
+    timm's other file names, which timm reads itself)."""
     folder = Path(ref[len("local-dir:"):])
     if not folder.is_dir():
         raise UserError(f"{ref}: {folder} is not a directory (local-dir: names a folder holding "
@@ -119,8 +119,8 @@ def _read_local_dir(ref: str) -> Optional[dict]:
     for name in _LOCAL_DIR_WEIGHTS:
         path = folder / name
         if path.exists():
-            return read_safetensors(path) if path.suffix == ".safetensors" else read_pth(path)
-    return None
+            return (read_safetensors(path) if path.suffix == ".safetensors" else read_pth(path)), str(path)
+    return None, ref
 
 
 def check_input_size(model: nn.Module, image_size: int, name: str) -> None:
@@ -166,15 +166,15 @@ def load_backbone(ref: str, arch: Optional[str] = None) -> tuple[nn.Module, str]
         if is_checkpoint:  # the query encoder's backbone, converted (and checked) like any foreign checkpoint
             from .convert import to_timm
 
-            state = to_timm(state, arch, reference=model)
+            state = to_timm(state, arch, reference=model, source=str(weights))
         load_strict(model, state, str(weights))
         return model, str(weights)
     if "/" in ref and not ref.startswith(("hf-hub:", "local-dir:")):
         raise UserError(f"model reference not found: {ref}")
-    state = _read_local_dir(ref) if ref.startswith("local-dir:") else None
+    state, source = _read_local_dir(ref) if ref.startswith("local-dir:") else (None, ref)
     model = create_backbone(ref, pretrained=True)
-    if state is not None:
-        check_dtypes(model.state_dict(), state, ref)
+    if isinstance(state, dict):
+        check_dtypes(model.state_dict(), state, source)
     return model, ref
 
 
