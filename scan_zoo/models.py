@@ -49,8 +49,10 @@ def check_dtypes(own: dict, state: dict, source: str) -> None:
            and not getattr(state[k], "is_floating_point", lambda: False)()]
     if bad:
         k = bad[0]
-        raise UserError(f"weights in {source} are not floating point: {k} is {getattr(state[k], 'dtype', type(state[k]).__name__)}"
-                        f" but the model's {k} is {own[k].dtype}" + (f" ({len(bad) - 1} more such keys)" if len(bad) > 1 else ""))
+        have = getattr(state[k], "dtype", type(state[k]).__name__)
+        more = f" ({len(bad) - 1} more such keys)" if len(bad) > 1 else ""
+        raise UserError(f"weights in {source} are not floating point: {k} is {have} but the model's {k} is "
+                        f"{own[k].dtype}{more}")
 
 
 def load_strict(model: nn.Module, state: dict, source: str) -> None:
