@@ -16,8 +16,9 @@ def _cmd_data(args) -> int:
 
 def _cmd_mine(args) -> int:
     from . import data as data_lib
-    from .mining import mine_dataset
+    from .mining import check_k, mine_dataset
 
+    check_k(args.k)  # before the data are rendered or listed
     root = data_lib.resolve_data_root(args.data, args.data_cache)
     out = Path(args.out)
     mine_dataset(args.model, root, out, args.k, args.image_size, args.eval_resize, arch=args.arch,
@@ -33,7 +34,7 @@ def _cmd_convert_timm(args) -> int:
 
     state = read_checkpoint(args.checkpoint)
     layout = detect_layout(state)
-    weights = to_timm(state, args.arch, layout)
+    weights = to_timm(state, args.arch, layout, source=str(args.checkpoint))
     model = create_backbone(args.arch)
     model.load_state_dict(weights, strict=True)
     out = export_backbone(model, Path(args.out), data_config_for(args.image_size, None, IMAGENET_MEAN, IMAGENET_STD),

@@ -1,19 +1,20 @@
 """Foreign checkpoints in (MoCo v1/v2/v3, scan_zoo training checkpoints), detectron2 out.
 
-Everything that comes in is read with ``torch.load(weights_only=True)`` or safetensors, converted once to
+Everything that comes in is read with :mod:`scan_zoo.readers` (``torch.load(weights_only=True)`` after a bound
+on the archive's inflated size, or safetensors), converted once to
 plain timm keys and checked strictly against the timm architecture: the projection head, key encoder
 and queue are dropped, and any other missing or unexpected key is named in the error.
 """
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .models import create_backbone
+from .models import check_dtypes, create_backbone
+from .readers import read_pth, read_safetensors
 
 #: the backbone's prefix in each known checkpoint layout, and the head keys (relative to it) to drop
 LAYOUTS = {
@@ -30,16 +31,8 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"refusing {path}: it holds Python objects other than tensors and plain containers, "
-                        f"which could run code when loaded ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001 - truncated or foreign files
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint: {e}") from None
+        return read_safetensors(path)
+    obj = read_pth(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -57,10 +50,11 @@ def detect_layout(state: dict) -> str:
                     + ", ".join(repr(p) for p, _ in LAYOUTS.values()))
 
 
-def to_timm(state: dict, arch: str, layout: str | None = None, reference=None) -> dict:
+def to_timm(state: dict, arch: str, layout: str | None = None, reference=None, source: str | None = None) -> dict:
     """Backbone weights in plain timm keys for ``arch`` (built with ``num_classes=0``), checked strictly.
 
-    ``reference`` is an already built ``arch`` backbone to check against (saves building another).
+    ``reference`` is an already built ``arch`` backbone to check against (saves building another); ``source``
+    names the file in errors.
     """
     layout = layout or detect_layout(state)
     prefix, head = LAYOUTS[layout]
@@ -81,6 +75,7 @@ def to_timm(state: dict, arch: str, layout: str | None = None, reference=None) -
     bad = sorted(k for k in want if tuple(want[k].shape) != tuple(out[k].shape))
     if bad:
         raise UserError(f"{layout} checkpoint has wrong shapes for {arch}: {bad[:5]}")
+    check_dtypes(want, out, f"the {layout} checkpoint {source}" if source else f"the {layout} checkpoint")
     return {k: out[k].detach().clone().contiguous() for k in want}
 
 

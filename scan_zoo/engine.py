@@ -44,6 +44,7 @@ from .errors import UserError
 from .methods import build_method, num_views
 from .models import (
     HEAD_NAME,
+    check_input_size,
     create_backbone,
     data_config_for,
     export_backbone,
@@ -272,6 +273,7 @@ class Trainer:
             raise UserError(f"dsc_queue_size {cfg.dsc_queue_size} must be smaller than the {n} training images")
 
         self.backbone = create_backbone(cfg.model)
+        check_input_size(self.backbone, cfg.image_size, cfg.model)
         if cfg.method == "scan":
             if neighbors is None:
                 raise UserError("SCAN needs its positive neighbours (stage 1)")
@@ -311,9 +313,9 @@ class Trainer:
         head_file = Path(ref) / HEAD_NAME if Path(ref).is_dir() else None
         encoder = getattr(self.method, "encoder_q", None)
         if head_file is not None and head_file.is_file() and encoder is not None:
-            from safetensors.torch import load_file
+            from .readers import read_safetensors
 
-            load_strict(encoder.head, load_file(str(head_file)), str(head_file))
+            load_strict(encoder.head, read_safetensors(head_file), str(head_file))
             desc += " (+ projection head)"
         if hasattr(self.method, "encoder_k"):
             self.method.encoder_k.load_state_dict(self.method.encoder_q.state_dict())

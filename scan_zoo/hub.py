@@ -28,6 +28,7 @@ from typing import Optional
 from .errors import UserError
 from .hub_errors import hub_call
 from .models import CONFIG_NAME, WEIGHTS_NAME, create_backbone, load_strict
+from .readers import read_json_object, read_safetensors
 from .registry import (ZooEntry, check_repo_id, check_revision, check_sha256, get_entry, lock_path, read_lock,
                        record)
 
@@ -172,15 +173,13 @@ def _fetch_blob(name: str, repo_id: str, revision: str, expected: str, blob: Pat
 
 def load_verified(entry: ZooEntry, cache_dir: Optional[str] = None) -> dict:
     """The entry's backbone state dict, after its sha256 was checked against the lock file."""
-    from safetensors.torch import load, load_file
-
     path = weights_path(entry, cache_dir)
     expected = entry.facts.get("sha256")
     if not expected:
         raise UserError(f"the zoo records no sha256 for {entry.name}: refusing to load unverified weights "
                         "(the lock file zoo_lock.json lacks it)")
     data = verify_sha256(path, expected, entry.name, read=path.stat().st_size <= READ_ONCE_MAX_BYTES)
-    return load(data) if data is not None else load_file(str(path))
+    return read_safetensors(path, data)
 
 
 # -------------------------------------------------------------------------------------------- export
@@ -188,7 +187,7 @@ def read_export_config(folder: Path) -> dict:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise UserError(f"{folder} has no {CONFIG_NAME}: not an exported model")
-    return json.loads(path.read_text())
+    return read_json_object(path)
 
 
 def export(run_dir: str | Path, name: str, out_dir: str | Path, results: Optional[dict] = None) -> Path:
@@ -198,7 +197,6 @@ def export(run_dir: str | Path, name: str, out_dir: str | Path, results: Optiona
     and method, and the entry's preprocessing is written into config.json. ``results`` (eval_linear.py's
     JSON) defaults to ``<run_dir>/eval_results.json``.
     """
-    from safetensors.torch import load_file
     from timm.models._hub import save_config_for_hf
 
     from .cards import model_card
@@ -214,11 +212,11 @@ def export(run_dir: str | Path, name: str, out_dir: str | Path, results: Optiona
     if meta.get("method") not in (None, entry.method):
         raise UserError(f"{run_dir} was trained with --method {meta.get('method')}, but {name} is a {entry.method} entry")
     weights = run_dir / WEIGHTS_NAME
-    state = load_file(str(weights))
+    state = read_safetensors(weights)
     model = create_backbone(arch)
     load_strict(model, state, str(weights))  # exactly the backbone, nothing more or less
     if results is None and (run_dir / RESULTS_NAME).is_file():
-        results = json.loads((run_dir / RESULTS_NAME).read_text())
+        results = read_json_object(run_dir / RESULTS_NAME)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if weights.resolve() != (out_dir / WEIGHTS_NAME).resolve():
@@ -240,8 +238,6 @@ def export(run_dir: str | Path, name: str, out_dir: str | Path, results: Optiona
 
 def verify_export(folder: str | Path) -> dict:
     """Check that an export's files agree: weights match config.json's sha256 and load strictly into its arch."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     for f in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):
         if not (folder / f).is_file():
@@ -252,7 +248,7 @@ def verify_export(folder: str | Path) -> dict:
         raise UserError(f"{folder / CONFIG_NAME} has no scan_zoo name/sha256: make the folder with `scan-zoo export`")
     verify_sha256(folder / WEIGHTS_NAME, meta["sha256"], f"{meta['name']} export")
     model = create_backbone(cfg["architecture"])
-    load_strict(model, load_file(str(folder / WEIGHTS_NAME)), str(folder / WEIGHTS_NAME))
+    load_strict(model, read_safetensors(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
     return cfg
 
 
@@ -297,6 +293,6 @@ def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpo
         facts = {"hf_hub_id": repo_id, "revision": revision, "sha256": meta["sha256"],
                  "published": date.today().isoformat()}
         if results_file.is_file():
-            facts["metrics"] = json.loads(results_file.read_text())
+            facts["metrics"] = read_json_object(results_file)
         out["lock"] = str(record(meta["name"], facts))
     return out

@@ -17,7 +17,7 @@ import torch
 from . import data as data_lib
 from .errors import UserError
 from .evaluation import extract_features
-from .models import load_backbone, pooled_dim
+from .models import check_input_size, load_backbone, pooled_dim
 from .neighbors import dataset_provenance, load_neighbors, mine_neighbors, save_neighbors
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,13 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def check_k(k: int) -> None:
+    """A neighbour table holds K >= 0 neighbours per image; K = -1 (every same-class image) has no table."""
+    if k < 0:
+        raise UserError(f"K (--k) must be >= 0 neighbours per image, not {k} (K = -1, every same-class image "
+                        "a positive, is --method supcon, which needs no neighbour table)")
 
 
 @torch.no_grad()
@@ -82,14 +89,21 @@ def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, imag
     ``base`` is the train split's ImageFolder when the caller has it already (listing ImageNet takes a while).
     """
     main = accelerator is None or accelerator.is_main_process
+    check_k(k)
     base = base if base is not None else data_lib.image_folder(data_root, "train")
+    targets = torch.as_tensor(base.targets).long()  # [N]
+    largest = int(torch.bincount(targets).max()) if len(targets) else 0
+    if k > 0 and k >= largest:
+        raise UserError(f"K={k} neighbours per image, but the largest class of {data_root} has {largest} "
+                        f"training images (at most {largest - 1} neighbours each): use a smaller --k")
     backbone, desc = load_backbone(appearance_model, arch=arch)
+    check_input_size(backbone, image_size, desc)
     prov = dataset_provenance(base, k, desc)
     if Path(desc).is_file():  # identify the weights by content, not only by path
         prov["appearance_sha256"] = file_sha256(Path(desc))
     if Path(out).is_file():  # mined before (a resumed run): reuse it if it was mined the same way
         try:
-            return load_neighbors(out, prov)[0]
+            return load_neighbors(out, prov, labels=targets)[0]
         except UserError:
             pass
     device = accelerator.device if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,7 +113,7 @@ def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, imag
         feature_file = Path(out).with_name(Path(out).stem + ".features.npy")
         feature_file.parent.mkdir(parents=True, exist_ok=True)
         feats = extract_to_file(backbone.to(device), images, feature_file, batch_size, num_workers, device, main)
-        labels = torch.as_tensor(base.targets)  # [N] what EvalImages yields
+        labels = targets  # what EvalImages yields
     else:
         feats, labels = extract_features(backbone.to(device), images, batch_size, num_workers, device,
                                          desc="appearance features", progress=main)
@@ -113,7 +127,7 @@ def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, imag
     if accelerator is not None:
         accelerator.wait_for_everyone()
     expect = {key: prov[key] for key in ("num_images", "num_classes", "fingerprint", "k")}
-    return load_neighbors(out, expect)[0]
+    return load_neighbors(out, expect, labels=targets)[0]
 
 
 def neighbors_for(cfg, data_root: Path, run_dir: Path, accelerator=None) -> torch.Tensor:
@@ -123,7 +137,7 @@ def neighbors_for(cfg, data_root: Path, run_dir: Path, accelerator=None) -> torc
     if cfg.neighbors:
         prov = dataset_provenance(base, cfg.k, "")
         expect = {key: prov[key] for key in ("num_images", "num_classes", "fingerprint", "k")}
-        return load_neighbors(cfg.neighbors, expect)[0]
+        return load_neighbors(cfg.neighbors, expect, labels=torch.as_tensor(base.targets))[0]
     if cfg.appearance_model:
         return mine_dataset(cfg.appearance_model, data_root, Path(run_dir) / "neighbors.safetensors", cfg.k,
                             cfg.image_size, cfg.eval_resize, arch=cfg.model, accelerator=accelerator, base=base)

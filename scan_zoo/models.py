@@ -1,16 +1,16 @@
 """Backbones: build any timm architecture headless, load label-free weights strictly, export plain timm weights."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
 
 import timm
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import UserError
+from .readers import read_json_object, read_pth, read_safetensors, read_yaml_mapping
 
 _logger = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ def create_backbone(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
             raise UserError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models())") from None
+        if "Error(s) in loading state_dict" in str(e):
+            raise UserError(f"the weights of {name!r} do not fit its architecture: {' '.join(str(e).split())[:400]}") from None
         raise
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:  # no network, no such repository or file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -40,8 +42,22 @@ def pooled_dim(backbone: nn.Module) -> int:
     return getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
 
+def check_dtypes(own: dict, state: dict, source: str) -> None:
+    """Refuse ``state`` tensors that are not floating point where ``own`` (a model's state dict) is: an integer
+    or boolean tensor would be cast into the float parameter silently. Keys missing from either are skipped."""
+    bad = [k for k in own if k in state and own[k].is_floating_point()
+           and not getattr(state[k], "is_floating_point", lambda: False)()]
+    if bad:
+        k = bad[0]
+        have = getattr(state[k], "dtype", type(state[k]).__name__)
+        more = f" ({len(bad) - 1} more such keys)" if len(bad) > 1 else ""
+        raise UserError(f"weights in {source} are not floating point: {k} is {have} but the model's {k} is "
+                        f"{own[k].dtype}{more}")
+
+
 def load_strict(model: nn.Module, state: dict, source: str) -> None:
-    """load_state_dict(strict=True), naming exactly which keys are missing or unexpected on failure."""
+    """load_state_dict(strict=True), naming exactly which keys are missing or unexpected, which have the wrong
+    shape, or which are not floating point where the model's are, on failure."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -52,6 +68,7 @@ def load_strict(model: nn.Module, state: dict, source: str) -> None:
     if bad:
         raise UserError(f"weights in {source} have wrong shapes for {bad[:5]}"
                         f" (expected {[tuple(own[k].shape) for k in bad[:5]]})")
+    check_dtypes(own, state, source)
     model.load_state_dict(state, strict=True)
 
 
@@ -66,8 +83,64 @@ def _weights_file(ref: Path) -> Path:
 
 
 def read_config(weights: Path) -> dict:
-    cfg = weights.parent / CONFIG_NAME
-    return json.loads(cfg.read_text()) if cfg.is_file() else {}
+    """timm's ``config.json`` beside ``weights`` (``{}`` when there is none); its architecture must be a name."""
+    path = weights.parent / CONFIG_NAME
+    if not path.exists():
+        return {}
+    cfg = read_json_object(path)
+    if not isinstance(cfg.get("architecture", ""), str):
+        raise UserError(f"{path}: 'architecture' must be a timm model name, not {cfg['architecture']!r}")
+    return cfg
+
+
+def _checkpoint_arch(path: Path) -> Optional[str]:
+    """The ``model`` a scan_zoo training checkpoint's ``config.yaml`` names."""
+    arch = read_yaml_mapping(path).get("model")
+    if arch is not None and not isinstance(arch, str):
+        raise UserError(f"{path}: 'model' must be a timm model name, not {arch!r}")
+    return arch
+
+
+#: weights files timm's ``local-dir:`` loader looks for, in its order (timm.models._hub._PREFERRED_FILES)
+_LOCAL_DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def _read_local_dir(ref: str) -> tuple[Optional[dict], str]:
+    """Check a ``local-dir:PATH`` folder's files before timm reads them: ``config.json`` is an object naming
+    an architecture, and the weights file timm picks parses. Returns those weights and their path (``None``:
+    timm's other file names, which timm reads itself)."""
+    folder = Path(ref[len("local-dir:"):])
+    if not folder.is_dir():
+        raise UserError(f"{ref}: {folder} is not a directory (local-dir: names a folder holding "
+                        f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    cfg = read_json_object(folder / CONFIG_NAME) if (folder / CONFIG_NAME).exists() else None
+    if cfg is None:
+        raise UserError(f"{ref}: {folder} has no {CONFIG_NAME} (timm's local-dir: needs one naming the architecture)")
+    if not isinstance(cfg.get("architecture"), str):
+        raise UserError(f"{folder / CONFIG_NAME} names no architecture (a string 'architecture' field)")
+    for name in _LOCAL_DIR_WEIGHTS:
+        path = folder / name
+        if path.exists():
+            return (read_safetensors(path) if path.suffix == ".safetensors" else read_pth(path)), str(path)
+    return None, ref
+
+
+def check_input_size(model: nn.Module, image_size: int, name: str) -> None:
+    """Refuse an ``image_size`` the model cannot take, before any work: a ViT-style patch embedding built for
+    a fixed size accepts only that size, and a dynamic one only multiples of its patch."""
+    from timm.layers import PatchEmbed
+
+    for m in model.modules():
+        if not isinstance(m, PatchEmbed) or m.img_size is None:
+            continue
+        patch = tuple(m.patch_size)
+        if m.strict_img_size and tuple(m.img_size) != (image_size, image_size):
+            raise UserError(f"{name} takes {m.img_size[0]}x{m.img_size[1]} images only, not {image_size}x{image_size}"
+                            f": pass --image-size {m.img_size[0]}, or use a model that takes {image_size}x{image_size} images")
+        if not m.dynamic_img_pad and (image_size % patch[0] or image_size % patch[1]):
+            raise UserError(f"{name} cuts images into {patch[0]}x{patch[1]} patches: --image-size {image_size} "
+                            f"is not a multiple of {patch[0]}")
+        break  # the input's embedding; later ones see feature maps
 
 
 def load_backbone(ref: str, arch: Optional[str] = None) -> tuple[nn.Module, str]:
@@ -81,13 +154,11 @@ def load_backbone(ref: str, arch: Optional[str] = None) -> tuple[nn.Module, str]
     path = Path(ref)
     if path.exists():
         weights = _weights_file(path)
-        state = load_file(str(weights))
+        state = read_safetensors(weights)
         checkpoint_cfg = weights.parent / "config.yaml"
         is_checkpoint = (weights.parent / "train_state.json").is_file() and checkpoint_cfg.is_file()
         if is_checkpoint:  # a scan_zoo training checkpoint names its architecture in its config
-            import yaml
-
-            arch = yaml.safe_load(checkpoint_cfg.read_text()).get("model") or arch
+            arch = _checkpoint_arch(checkpoint_cfg) or arch
         else:
             arch = read_config(weights).get("architecture") or arch
         if not arch:
@@ -97,12 +168,16 @@ def load_backbone(ref: str, arch: Optional[str] = None) -> tuple[nn.Module, str]
         if is_checkpoint:  # the query encoder's backbone, converted (and checked) like any foreign checkpoint
             from .convert import to_timm
 
-            state = to_timm(state, arch, reference=model)
+            state = to_timm(state, arch, reference=model, source=str(weights))
         load_strict(model, state, str(weights))
         return model, str(weights)
     if "/" in ref and not ref.startswith(("hf-hub:", "local-dir:")):
         raise UserError(f"model reference not found: {ref}")
-    return create_backbone(ref, pretrained=True), ref
+    state, source = _read_local_dir(ref) if ref.startswith("local-dir:") else (None, ref)
+    model = create_backbone(ref, pretrained=True)
+    if isinstance(state, dict):
+        check_dtypes(model.state_dict(), state, source)
+    return model, ref
 
 
 def export_backbone(backbone: nn.Module, out_dir: Path, data_config: dict, extra: dict,

@@ -129,6 +129,7 @@ def model_preprocessing(model: nn.Module, weights: Optional[Path]) -> dict:
     statistics) the architecture's timm default size; a timm name brings its pretrained_cfg.
     """
     from .models import read_config
+    from .readers import read_yaml_mapping
 
     default = model.pretrained_cfg
     if weights is None:
@@ -136,13 +137,21 @@ def model_preprocessing(model: nn.Module, weights: Optional[Path]) -> dict:
                 "std": tuple(default["std"])}
     cfg = read_config(weights).get("pretrained_cfg")
     if cfg:
-        return {"image_size": int(cfg["input_size"][-1]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+        try:
+            out = {"image_size": int(cfg["input_size"][-1]), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+            if not all(isinstance(v, (int, float)) for v in out["mean"] + out["std"]):
+                raise TypeError("mean and std must hold numbers")
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UserError(f"{weights.parent / 'config.json'}: pretrained_cfg needs input_size, mean and std "
+                            f"lists of numbers ({type(e).__name__}: {e})") from None
+        return out
     size = int(default["input_size"][-1])
     ckpt = weights.parent / "config.yaml"
     if ckpt.is_file():
-        import yaml
-
-        size = int((yaml.safe_load(ckpt.read_text()) or {}).get("image_size") or size)
+        value = read_yaml_mapping(ckpt).get("image_size") or size
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{ckpt}: image_size must be an integer, not {value!r}")
+        size = value
     return {"image_size": size, "mean": data_lib.IMAGENET_MEAN, "std": data_lib.IMAGENET_STD}
 
 
@@ -489,13 +498,14 @@ def evaluate_model(model: str, data: str, cfg: ProbeConfig, arch: Optional[str] 
 
     from . import __version__
     from .hub import sha256_file
-    from .models import load_backbone
+    from .models import check_input_size, load_backbone
 
     root = data_lib.resolve_data_root(data, data_cache, progress=cfg.progress and dist_lib.rank() == 0)
     train, val = load_splits(root)
     backbone, description = load_backbone(model, arch=arch)
     weights = Path(description) if Path(description).is_file() else None
     cfg = resolve_config(cfg, model_preprocessing(backbone, weights), data)
+    check_input_size(backbone, cfg.image_size, description)
     result = linear_probe(backbone.to(device), train, val, cfg, device)
     result.update({"dataset": data, "data_root": str(root), "num_classes": len(train.classes),
                    "train_images": len(train), "val_images": len(val), "model": model,

@@ -22,6 +22,7 @@ from typing import Optional
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
+from .readers import read_json_object
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = PACKAGE_DIR / "weights"  # shipped weights: WEIGHTS_DIR/<arch>.<tag>/model.safetensors
@@ -157,7 +158,7 @@ class ZooEntry:
         """Evaluation results (``eval_results.json`` of the shipped weights, or recorded at publishing)."""
         if self.status == "shipped":
             path = self.weights_dir / "eval_results.json"
-            return json.loads(path.read_text()) if path.is_file() else {}
+            return read_json_object(path) if path.is_file() else {}
         return self.facts.get("metrics", {})
 
 
@@ -268,12 +269,7 @@ _LOCK_CACHE: dict = {}  # path -> ((mtime_ns, size), parsed lock): entries read 
 
 
 def _parse_lock(path: Path) -> dict:
-    try:
-        lock = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"the zoo's lock file {path} is not valid JSON: {e}") from None
-    if not isinstance(lock, dict):
-        raise UserError(f"the zoo's lock file {path} is not a JSON object")
+    lock = read_json_object(path)
     for name, facts in lock.items():
         check_facts(name, facts, f"the zoo's lock file {path}")
     return lock
