@@ -256,7 +256,7 @@ def test_record_refuses_a_bad_revision_and_leaves_the_lock(tmp_path):
 
 
 def test_a_bad_lock_entry_stops_a_download_before_any_request(tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=2, per_class=2, size=8, val_per_class=1)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4, size=8, val_per_class=1)
     lock = tmp_path / "lock.json"
     before = write_lock(lock, {"hf_hub_id": REPO, "revision": "../../..", "sha256": "0" * 64})
     with LyingResolveServer(b"x") as server:
@@ -280,7 +280,7 @@ def _mine_env(tmp_path, endpoint, sha256):
 
 
 def test_a_download_whose_bytes_differ_from_the_lock_is_refused_and_not_cached(tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=2, per_class=2, size=8, val_per_class=1)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4, size=8, val_per_class=1)
     served = b"not the weights the zoo recorded"
     expected = hashlib.sha256(b"the weights the zoo recorded").hexdigest()
     with LyingResolveServer(served) as server:
@@ -330,7 +330,7 @@ def test_hostile_headers_name_no_file_and_the_weights_load(tmp_path):
 
 @pytest.mark.parametrize("status", ["closed", 500])
 def test_a_failing_download_is_one_line_naming_the_endpoint(status, tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=2, per_class=2, size=8, val_per_class=1)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4, size=8, val_per_class=1)
     if status == "closed":
         endpoint = f"http://{LOOPBACK}:{free_port()}"
         p = run_cli([str(BIN / "scan-zoo"), "mine", "--model", ENTRY, "--data", str(data), "--out",
