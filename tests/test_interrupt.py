@@ -144,7 +144,11 @@ def test_ctrl_c_during_export_is_one_line(tmp_path, monkeypatch, capsys):
     args = ["--data", str(data), "--output-dir", str(run), *ARGS, "--num-workers", "0", "--max-steps", "2"]
     with monkeypatch.context() as m:
         m.setattr(Trainer, "export", export)
-        assert train.main(args) == 130
+        try:
+            rc = train.main(args)
+        except KeyboardInterrupt:  # escaping, it would end the pytest session too
+            pytest.fail("KeyboardInterrupt escaped train.main")
+        assert rc == 130
     err = capsys.readouterr().err
     assert last_line(err) == "train.py: interrupted outside the training steps; continue with --resume latest"
     assert checkpoint_problem(run / "checkpoints" / "step_00000002") is None
