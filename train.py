@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def interrupted_line(prog: str) -> str:
+    """What Ctrl-C outside the training steps prints (exit status 130): nothing of the run's checkpoints is lost."""
     return f"{prog}: interrupted outside the training steps; continue with --resume latest"
 
 
@@ -93,4 +94,4 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C while the libraries are imported, or while the process group is closed
         if os.environ.get("RANK", "0") == "0":
             print(interrupted_line("train.py"), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(130)  # scan_zoo.interrupt.EXIT_STATUS (not imported here: the interrupt may have hit that import)

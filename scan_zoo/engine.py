@@ -600,12 +600,13 @@ class Trainer:
             t = self.acc.reduce(t, "sum")
         return int(t.item())
 
-    def _count_each(self, *flags) -> list[int]:
-        """On how many processes each flag holds, in one collective (``_count_processes`` for several flags)."""
+    def _count_each(self, *flags: bool) -> list[int]:
+        """On how many processes each flag holds: one collective for all of them (none, and no device
+        synchronisation, with a single process). Every process calls it."""
+        if self.acc.num_processes == 1:
+            return [int(bool(f)) for f in flags]
         t = torch.tensor([float(bool(f)) for f in flags], device=self.acc.device)
-        if self.acc.num_processes > 1:
-            t = self.acc.reduce(t, "sum")
-        return [int(v) for v in t.tolist()]
+        return [int(v) for v in self.acc.reduce(t, "sum").tolist()]
 
     def _last_good(self) -> str:
         ckpts = list_checkpoints(self.run_dir)

@@ -6,7 +6,11 @@ step, see ``Trainer._train``), saves a checkpoint and raises :class:`Interrupted
 train.py prints. A second SIGINT raises :class:`Interrupted` at once, wherever the process is; checkpoints
 are written atomically, so the previous one is intact and is the one named.
 
-Only the process that entered the context reacts: DataLoader workers forked from it inherit the handler
+``accelerate launch`` with one process sends SIGTERM to the script right after the Ctrl-C (and SIGKILL 5 s
+later): a SIGTERM that follows a SIGINT counts as the second one. A SIGTERM alone does what it did before
+(the process ends at once), and so does a SIGTERM in a DataLoader worker.
+
+Only the process that entered the context reacts to SIGINT: DataLoader workers forked from it inherit the handler
 and ignore the signal (a terminal sends Ctrl-C to every process of the foreground group, workers included),
 so they neither die mid-batch nor print a traceback. Outside the context SIGINT is Python's usual
 KeyboardInterrupt, which train.py turns into the same kind of line.
@@ -46,7 +50,7 @@ class StopRequest:
         self.abort, self.notice = abort, notice
         self.requested = False
         self._pid: Optional[int] = None
-        self._previous = None
+        self._previous = self._previous_term = None
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: the main process decides
@@ -57,14 +61,25 @@ class StopRequest:
         if self.notice:
             logger.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again stops at once)")
 
+    def _handle_term(self, signum, frame) -> None:
+        if os.getpid() == self._pid and self.requested:  # the launcher ending us after Ctrl-C
+            raise self.abort()
+        if callable(self._previous_term):
+            self._previous_term(signum, frame)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as without this context: the process ends now
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def __enter__(self) -> "StopRequest":
         self.requested = False
         if threading.current_thread() is threading.main_thread():
             self._pid = os.getpid()
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous_term = signal.signal(signal.SIGTERM, self._handle_term)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pid is not None:
             signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            signal.signal(signal.SIGTERM, self._previous_term if self._previous_term is not None else signal.SIG_DFL)
             self._pid = None

@@ -103,20 +103,48 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_latest_continues(tmp_path):
     assert steps == [1, 2, 3]
 
 
-def test_a_second_ctrl_c_stops_at_once_naming_the_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_ctrl_c_stops_at_once_naming_the_previous_checkpoint(tmp_path, second):
+    """SIGTERM after Ctrl-C is what a one-process ``accelerate launch`` sends its script (then SIGKILL)."""
     data = make_image_folder(tmp_path / "data")
     run = tmp_path / "run"
     p = start(train_cmd(data, run, "--num-workers", "2", "--save-every-steps", "1"), run, pause="step:2")
     wait_for([run / ".paused_step_2.0"], p)  # step 1's checkpoint is written, step 2's is not
     ctrl_c(p)
     time.sleep(0.5)  # two signals before the handler ran would count as one
-    ctrl_c(p)
+    os.killpg(p.pid, second)
     rc, out, err = finish(p)
     assert rc == 130, err[-3000:]
     step, ckpt = interrupted(err)
     assert step == 2 and ckpt == run / "checkpoints" / "step_00000001"
     assert checkpoint_problem(ckpt) is None
     assert sorted(d.name for d in (run / "checkpoints").iterdir() if not d.name.startswith(".")) == ["step_00000001"]
+
+
+def test_stop_request_flags_the_first_sigint_and_aborts_on_the_second():
+    from scan_zoo.interrupt import Interrupted, StopRequest
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopRequest(lambda: Interrupted(7, "ckpt"), notice=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs in the main thread, between two bytecodes
+        assert stop.requested
+        with pytest.raises(Interrupted, match="^interrupted at step 7; the last checkpoint is ckpt; continue with "
+                                              "--resume latest$"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_sigterm_alone_still_ends_the_process_at_once():
+    code = ("import os, signal, time\n"
+            "from scan_zoo.interrupt import Interrupted, StopRequest\n"
+            "with StopRequest(lambda: Interrupted(1, 'x')):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n"
+            "print('survived')\n")
+    p = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGTERM and "survived" not in p.stdout, p.stderr[-2000:]
 
 
 def test_ctrl_c_while_starting_up_is_one_line(tmp_path):
