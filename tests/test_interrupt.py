@@ -241,3 +241,14 @@ def test_two_processes_skip_and_stop_at_the_same_step(tmp_path):
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[1] == {"step": 2, "epoch": 0, "skipped_unreadable": 1, "processes": 1}
     assert [row["step"] for row in rows] == [1, 2, 3]
+
+
+def test_both_collate_functions_turn_an_unreadable_batch_into_an_empty_one():
+    """--decode cpu and --decode device alike: no images, the reasons kept, an empty ``index`` (a skipped step)."""
+    from scan_zoo.data import collate_views
+    from scan_zoo.device_data import collate_encoded
+
+    for batch in (collate_views([(None, 0, 3, 3, "a.png: broken"), (None, 1, 4, 4, "b.png: broken")]),
+                  collate_encoded([(None, 0, 3, 3, None, "a.png", "a.png: broken")])):
+        assert batch["index"].numel() == 0 and set(batch) == {"skipped", "index"}
+        assert batch["skipped"][0] == "a.png: broken"
