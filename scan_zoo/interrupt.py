@@ -63,6 +63,9 @@ class StopRequest:
 
     def _handle_term(self, signum, frame) -> None:
         if os.getpid() == self._pid and self.requested:  # the launcher ending us after Ctrl-C
+            # it ends the DataLoader workers too: torch's SIGCHLD handler would then raise, as a traceback, from
+            # the loader's shutdown after our line
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             raise self.abort()
         if callable(self._previous_term):
             self._previous_term(signum, frame)
