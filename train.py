@@ -11,6 +11,7 @@ command line overrides it. Not SCAN clustering (Van Gansbeke et al., 2020).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from scan_zoo.config import config_from_args, load_yaml
     from scan_zoo.engine import NonFiniteLoss
     from scan_zoo.errors import UserError
+    from scan_zoo.interrupt import EXIT_STATUS, Interrupted
     from scan_zoo.pipeline import format_knn_table, run_pipeline, run_training
 
     parser = build_parser()
@@ -65,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"{parser.prog}: training stopped: {e}", file=sys.stderr)
         return 3
+    except Interrupted as e:  # Ctrl-C in the training loop: a checkpoint is saved (every process), one line
+        if PartialState().is_main_process:
+            print(f"{parser.prog}: {e}", file=sys.stderr)
+        return EXIT_STATUS
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (data rendering, mining, evaluation, export)
+        if os.environ.get("RANK", "0") == "0":  # one line, from the first process
+            print(interrupted_line(parser.prog), file=sys.stderr)
+        return EXIT_STATUS
     finally:
         import torch.distributed as dist
 
@@ -73,5 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def interrupted_line(prog: str) -> str:
+    """What Ctrl-C outside the training steps prints (exit status 130): nothing of the run's checkpoints is lost."""
+    return f"{prog}: interrupted outside the training steps; continue with --resume latest"
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while the libraries are imported, or while the process group is closed
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted_line("train.py"), file=sys.stderr)
+        sys.exit(130)  # scan_zoo.interrupt.EXIT_STATUS (not imported here: the interrupt may have hit that import)

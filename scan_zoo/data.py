@@ -281,11 +281,12 @@ class EvalImages(Dataset):
 
 def collate_views(batch):
     """[(views, label, index, group, skipped)] -> dict(views=[tensor [B, 3, H, W]] * n, label, index, group [B],
-    skipped=[reasons]); slots whose image could not be read are dropped."""
+    skipped=[reasons]); slots whose image could not be read are dropped. When none could be read the batch is
+    ``dict(skipped, index=[])`` (empty ``index``): the training loop skips that step (Trainer._unreadable_step)."""
     skipped = [s for *_, s in batch if s is not None]
     batch = [b[:4] for b in batch if b[4] is None]
     if not batch:
-        raise RuntimeError(f"every image of a batch was unreadable: {skipped[:3]}")
+        return {"skipped": skipped, "index": torch.empty(0, dtype=torch.long)}
     views, labels, index, group = zip(*batch)
     n = len(views[0])
     return {

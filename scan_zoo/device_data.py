@@ -167,11 +167,12 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 def collate_encoded(batch):
     """[(data, label, index, group, plan, path, skipped)] -> dict(data=[uint8 tensors], path=[str], label, index,
-    group [B], every plan field stacked [B, V, ...], skipped=[reasons]); unreadable slots are dropped."""
+    group [B], every plan field stacked [B, V, ...], skipped=[reasons]); unreadable slots are dropped (none
+    readable: ``dict(skipped, index=[])``, a step the training loop skips, as with data.collate_views)."""
     skipped = [b[6] for b in batch if b[6] is not None]
     batch = [b for b in batch if b[6] is None]
     if not batch:
-        raise RuntimeError(f"every image of a batch was unreadable: {skipped[:3]}")
+        return {"skipped": skipped, "index": torch.empty(0, dtype=torch.long)}
     data, labels, index, group, plans, paths, _ = zip(*batch)
     out = {"skipped": skipped, "data": list(data), "path": list(paths),
            "label": torch.as_tensor(labels, dtype=torch.long),
@@ -327,8 +328,8 @@ class DeviceViews:
         keep = [i for i, img in enumerate(images) if img is not None]
         if reasons:
             batch["skipped"] = list(batch.get("skipped", [])) + reasons
-            if not keep:
-                raise RuntimeError(f"every image of a batch was unreadable: {batch['skipped'][:3]}")
+            if not keep:  # nothing to decode: a step the training loop skips (data.collate_views)
+                return {"skipped": batch["skipped"], "index": batch["index"][:0]}
             idx = torch.tensor(keep)
             images = [images[i] for i in keep]
             plan = {k: v[idx] for k, v in plan.items()}

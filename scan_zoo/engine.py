@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from . import data as data_lib
+from . import interrupt
 from .config import TrainConfig
 from .errors import UserError
 from .methods import build_method, num_views
@@ -302,6 +303,7 @@ class Trainer:
         self.state = TrainState()
         self.saved_step = -1  # step of the newest checkpoint on disk
         self.skipped_images = 0  # unreadable training images met by this process since it started
+        self.skipped_batches = 0  # steps this process skipped since it started: no image of the batch was readable
 
     def _init_from(self, ref: str) -> None:
         """Initialise query and key encoders from the label-free model (SCAN inherits MoCo's weights)."""
@@ -426,27 +428,36 @@ class Trainer:
         if acc.device.type == "cpu" and acc.mixed_precision in ("bf16", "fp16") and onednn:
             logger.info("%s autocast on the CPU: oneDNN switched off for this run (NaN gradients)", acc.mixed_precision)
             torch.backends.mkldnn.enabled = False
-        try:
-            self._train(bar)
-        finally:
-            torch.backends.mkldnn.enabled = onednn
-            bar.close()  # before any error line, so the error is what the user reads last
-            # Persistent loader workers end with their DataLoader: dropped now, not at a later garbage collection,
-            # which can run inside a worker forked by the next loader of this process (bench, tests) and fail there.
-            self.loader = None
-        if self.state.step_in_epoch == self.steps_per_epoch:  # max_steps ended exactly on an epoch boundary
-            self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
-        ckpt = self.save_checkpoint()
+        # Ctrl-C: the loop stops between two steps and a checkpoint is saved (scan_zoo.interrupt); a second Ctrl-C
+        # stops at once, naming the newest complete checkpoint.
+        with interrupt.StopRequest(lambda: interrupt.Interrupted(self.state.step, self._last_good()),
+                                   notice=acc.is_main_process) as stop:
+            try:
+                self._train(bar, stop)
+            finally:
+                torch.backends.mkldnn.enabled = onednn
+                bar.close()  # before any error line, so the error is what the user reads last
+                # Persistent loader workers end with their DataLoader: dropped now, not at a later garbage collection,
+                # which can run inside a worker forked by the next loader of this process (bench, tests) and fail there.
+                self.loader = None
+            if self.state.step_in_epoch == self.steps_per_epoch:  # max_steps ended exactly on an epoch boundary
+                self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
+            ckpt = self.save_checkpoint()
+            interrupted = self._count_processes(stop.requested)  # every process stops alike
         for tracker in acc.trackers:
             tracker.finish()
+        if interrupted:
+            raise interrupt.Interrupted(self.state.step, ckpt)
         summary = {"method": cfg.method, "model": cfg.model, "steps": self.state.step, "epochs": self.state.epoch,
                    "finished": self.state.step >= self.total_steps, "checkpoint": str(ckpt), "run_dir": str(self.run_dir)}
         if summary["finished"]:
             summary["weights"] = str(self.export())
         return summary
 
-    def _train(self, bar) -> None:
-        """The epoch loop: until the schedule ends or ``stop_after_steps``; checkpoints as configured."""
+    def _train(self, bar, stop: interrupt.StopRequest) -> None:
+        """The epoch loop: until the schedule ends, ``stop_after_steps`` or Ctrl-C (``stop``); checkpoints as
+        configured. Before each step the processes agree on whether to stop and on whether a batch holds no
+        readable image (one collective for both; none with a single process)."""
         cfg, acc = self.cfg, self.acc
         metrics_file = self.run_dir / "metrics.jsonl"
         stopped = False
@@ -457,19 +468,27 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):  # a new loader iterator draws a seed from the global RNG:
                 batches = iter(self.loader)  # kept out of it, or a resume mid-epoch would draw it twice
             for batch in batches:
-                if self.device_views is not None:  # --decode device: decode and augment here, on the device
-                    batch = self.device_views(batch, acc.device)
+                if self.device_views is not None and len(batch["index"]):  # --decode device: decode and augment
+                    batch = self.device_views(batch, acc.device)  # here, on the device
                 self._record_skipped(batch.pop("skipped"))
-                batch = {k: ([t.to(acc.device, non_blocking=True) for t in v] if k == "views"
-                             else v.to(acc.device)) for k, v in batch.items()}
-                out = self.model(batch)
-                loss = out["loss"]
-                bad = self._count_processes(~torch.isfinite(loss.detach()))  # every process decides alike
-                if bad:
-                    self._nonfinite_step(out, bad)  # raises, unless the step may be skipped
+                empty, interrupted = self._count_each(len(batch["index"]) == 0, stop.requested)
+                if interrupted:  # Ctrl-C on some process: every process stops before this step
+                    stopped = True
+                    break
+                if empty:
+                    bad = empty
+                    self._unreadable_step(empty)
                 else:
-                    acc.backward(loss)
-                    self.optimizer.step()
+                    batch = {k: ([t.to(acc.device, non_blocking=True) for t in v] if k == "views"
+                                 else v.to(acc.device)) for k, v in batch.items()}
+                    out = self.model(batch)
+                    loss = out["loss"]
+                    bad = self._count_processes(~torch.isfinite(loss.detach()))  # every process decides alike
+                    if bad:
+                        self._nonfinite_step(out, bad)  # raises, unless the step may be skipped
+                    else:
+                        acc.backward(loss)
+                        self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state.step += 1
@@ -501,6 +520,27 @@ class Trainer:
                 self.state.step_in_epoch = 0
                 if self.state.epoch % cfg.save_every_epochs == 0 and self.state.step < self.total_steps:
                     self.save_checkpoint()
+
+    def _unreadable_step(self, processes: int) -> None:
+        """On ``processes`` processes no image of the batch could be read: every process skips this step.
+
+        As a skipped non-finite step, it consumes its batch and counts as a step, with no optimiser step; unlike
+        one, it runs no forward pass either (nothing to compute from), so no weight, queue or BatchNorm statistic
+        changes. It needs no ``--skip-nonfinite`` allowance: the images are listed in ``skipped_images*.txt``, the
+        step is logged and counted in ``metrics.jsonl`` (``skipped_unreadable``, steps skipped by this process
+        since it started).
+        """
+        step = self.state.step + 1  # numbered as in metrics.jsonl: the first step is step 1
+        self.skipped_batches += 1
+        where = f" on {processes} of {self.acc.num_processes} processes" if self.acc.num_processes > 1 else ""
+        logger.warning("skipped step %d (epoch %d): every image of its batch was unreadable%s (listed in %s)", step,
+                       self.state.epoch, where, self.run_dir / self._skipped_images_file())
+        if self.acc.is_main_process:
+            row = {"step": step, "epoch": self.state.epoch, "skipped_unreadable": self.skipped_batches,
+                   "processes": processes}
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.acc.log({"skipped_unreadable": self.skipped_batches}, step=step)
 
     def _nonfinite_step(self, out: dict, processes: int) -> None:
         """The loss is not finite on ``processes`` processes: skip this step (``--skip-nonfinite``) or raise.
@@ -561,6 +601,14 @@ class Trainer:
         if self.acc.num_processes > 1:
             t = self.acc.reduce(t, "sum")
         return int(t.item())
+
+    def _count_each(self, *flags: bool) -> list[int]:
+        """On how many processes each flag holds: one collective for all of them (none, and no device
+        synchronisation, with a single process). Every process calls it."""
+        if self.acc.num_processes == 1:
+            return [int(bool(f)) for f in flags]
+        t = torch.tensor([float(bool(f)) for f in flags], device=self.acc.device)
+        return [int(v) for v in self.acc.reduce(t, "sum").tolist()]
 
     def _last_good(self) -> str:
         ckpts = list_checkpoints(self.run_dir)
