@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # results and cache files are written whole (temp file, then rename) or not at all
+        print(f"{parser.prog}: interrupted before the results were written; run the same command again "
+              "(features already extracted are cached)",
+              file=sys.stderr)
+        return 130
     finally:
         import torch.distributed as dist
 

@@ -252,3 +252,20 @@ def test_both_collate_functions_turn_an_unreadable_batch_into_an_empty_one():
                   collate_encoded([(None, 0, 3, 3, None, "a.png", "a.png: broken")])):
         assert batch["index"].numel() == 0 and set(batch) == {"skipped", "index"}
         assert batch["skipped"][0] == "a.png: broken"
+
+
+def test_ctrl_c_in_eval_linear_is_one_line_and_writes_no_results(tmp_path, monkeypatch, capsys):
+    import eval_linear
+    from scan_zoo import probe
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probe, "linear_probe", interrupted)
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4, size=8, val_per_class=2)
+    out = tmp_path / "results.json"
+    capsys.readouterr()
+    code = eval_linear.main(["test_resnet.moco_digits", "--data", str(data), "--out", str(out), "--num-workers", "0"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("eval_linear.py: interrupted"), lines
+    assert not out.exists()
