@@ -94,6 +94,7 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (bit-exact resume on CPU is exact either way)
     knn_k: int = 20  # kNN evaluation: neighbours
     knn_temperature: float = 0.07  # kNN evaluation: vote weight exp(sim / T)
+    resume_override: Optional[str] = None  # with --resume: comma-separated fields (or 'data') allowed to differ from the checkpoint's run, e.g. lr,epochs
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
