@@ -26,6 +26,7 @@ model state holding NaN or infinity.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -384,29 +385,20 @@ class Trainer:
         tmp = root / f".tmp_step_{step:08d}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            if acc.is_main_process:
+            with self._writing(tmp, final):
                 tmp.mkdir(parents=True)
-            acc.wait_for_everyone()
+        acc.wait_for_everyone()
+        with self._writing(tmp, final):
             acc.save_state(str(tmp))
-            acc.wait_for_everyone()
-            if acc.is_main_process:
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with self._writing(tmp, final):
                 self._write_checkpoint_files(tmp, step)
                 _pause_point(self.run_dir, "checkpoint_complete", step)
                 if final.exists():  # saved before (a run resumed from further back) or damaged: replaced
                     _discard(final)
                 os.replace(tmp, final)
                 _fsync(root)
-        except Exception as e:
-            if isinstance(e, NonFiniteLoss) or not isinstance(e, (OSError, RuntimeError)) and \
-                    type(e).__name__ != "SafetensorError":
-                raise
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            lines = str(getattr(e, "strerror", None) or e).strip().splitlines() or [type(e).__name__]
-            raise UserError(f"could not write checkpoint {final.name} in {root}: {lines[0][:300]}; the last good "
-                            f"checkpoint, {self._last_good()}, is unchanged (make room, then continue with "
-                            "--resume latest)") from None
             _pause_point(self.run_dir, "checkpoint_renamed", step)
             others = [c for c in list_checkpoints(self.run_dir) if c != final]  # never prune the new one
             for old in others[:max(0, len(others) - (max(1, self.cfg.keep_checkpoints) - 1))]:
@@ -414,6 +406,28 @@ class Trainer:
         acc.wait_for_everyone()
         self.saved_step = step
         return final
+
+    @contextlib.contextmanager
+    def _writing(self, tmp: Path, final: Path):
+        """A write error (a full disk, a quota, a failing device) while making a checkpoint: the unfinished
+        ``tmp`` is removed and the run ends with one line; the last good checkpoint is untouched."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, NonFiniteLoss):
+                raise
+            self._write_failed(tmp, final, e)
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError":  # safetensors' own error type for a failed write
+                raise
+            self._write_failed(tmp, final, e)
+
+    def _write_failed(self, tmp: Path, final: Path, e: Exception) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lines = str(getattr(e, "strerror", None) or e).strip().splitlines() or [type(e).__name__]
+        raise UserError(f"could not write checkpoint {final.name} in {final.parent}: {lines[0][:300]}; the last good "
+                        f"checkpoint, {self._last_good()}, is unchanged (make room, then continue with "
+                        "--resume latest)") from None
 
     def _write_checkpoint_files(self, tmp: Path, step: int) -> None:
         """Beside what ``save_state`` wrote: the config, then ``train_state.json`` (last: marks completeness) with
