@@ -97,6 +97,7 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (bit-exact resume on CPU is exact either way)
     knn_k: Annotated[int, AtLeast(1)] = 20  # kNN evaluation: neighbours
     knn_temperature: Annotated[float, Positive()] = 0.07  # kNN evaluation: vote weight exp(sim / T)
+    resume_override: Annotated[Optional[str], Text()] = None  # with --resume: comma-separated fields (or 'data') allowed to differ from the checkpoint's run, e.g. lr,epochs
 
     def validate(self) -> "TrainConfig":
         """Every field's type and range (declared in its annotation), then the checks that span fields."""

@@ -26,6 +26,7 @@ model state holding NaN or infinity.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from typing import Optional
 import torch
 
 from . import data as data_lib
+from . import identity, run_lock
 from . import interrupt
 from .config import TrainConfig
 from .errors import UserError
@@ -56,6 +58,7 @@ from .models import (
 logger = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
+ABANDONED_DIR = "abandoned_checkpoints"  # newer checkpoints of a line a resume from further back left
 STATE_FILE = "train_state.json"
 PAUSE_ENV = "SCAN_ZOO_TEST_PAUSE"  # test hook, see _pause_point
 
@@ -123,11 +126,13 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def checkpoint_problem(path: Path) -> Optional[str]:
+def checkpoint_problem(path: Path, verify: bool = False) -> Optional[str]:
     """Why ``path`` is not a complete checkpoint, or None when it is one.
 
     Complete: ``train_state.json`` parses, and every file it lists is there with the size recorded
-    (checkpoints written before that list existed are taken on their ``train_state.json`` alone).
+    (checkpoints written before that list existed are taken on their ``train_state.json`` alone). With
+    ``verify``, each file's content must also match the sha256 recorded for it: a checkpoint whose bytes
+    changed after it was written is corrupt, and never resumed from.
     """
     path = Path(path)
     try:
@@ -143,6 +148,14 @@ def checkpoint_problem(path: Path) -> Optional[str]:
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes instead of {size}"
+    if verify:
+        for name, digest in state.get("sha256", {}).items():
+            try:
+                ok = identity.file_sha256(path / name) == digest
+            except OSError as e:
+                return f"{name} cannot be read ({e.strerror or e})"
+            if not ok:
+                return f"{name} does not match the sha256 recorded when it was written (the checkpoint is corrupt)"
     return None
 
 
@@ -169,6 +182,32 @@ def remove_leftovers(run_dir: Path) -> None:
     for d in sorted(root.glob(".tmp_step_*")) + sorted(root.glob(".trash_step_*")):
         logger.info("removing %s, left by an interrupted run", d)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _folder_step(path: Path) -> Optional[int]:
+    try:
+        return int(path.name[len("step_"):])
+    except ValueError:
+        return None
+
+
+def abandon_newer(run_dir: Path, step: int) -> Optional[Path]:
+    """Move the checkpoints of steps after ``step`` to ``<run>/abandoned_checkpoints/<time>/`` (kept, not deleted),
+    so that ``latest`` means the line being continued. Returns where they went (None: there were none)."""
+    newer = sorted(d for d in (Path(run_dir) / CKPT_DIR).glob("step_*")
+                   if d.is_dir() and (_folder_step(d) or 0) > step)
+    if not newer:
+        return None
+    base = Path(run_dir) / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
+    dest, n = base, 1
+    while dest.exists():
+        dest, n = base.with_name(f"{base.name}-{n}"), n + 1
+    dest.mkdir(parents=True)
+    for d in newer:
+        os.replace(d, dest / d.name)
+    _fsync(dest)
+    _fsync(Path(run_dir) / CKPT_DIR)
+    return dest
 
 
 def _discard(path: Path) -> None:
@@ -233,11 +272,20 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
             logger.info("no checkpoint in %s yet: starting from the beginning", run_dir)
-        return ckpts[-1] if ckpts else None
+            return None
+        problem = checkpoint_problem(ckpts[-1], verify=True)
+        if problem:
+            older = f"--resume {ckpts[-2]}" if len(ckpts) > 1 else "a new --output-dir"
+            raise UserError(f"the newest checkpoint {ckpts[-1]} is corrupt: {problem}; no older one is taken in its "
+                            f"place silently: continue from the one before with {older}")
+        return ckpts[-1]
     path = Path(cfg.resume)
     problem = checkpoint_problem(path)
     if problem:
         raise UserError(f"not a complete checkpoint directory: {path} ({problem})")
+    problem = checkpoint_problem(path, verify=True)
+    if problem:
+        raise UserError(f"checkpoint {path} is corrupt: {problem}")
     return path
 
 
@@ -280,6 +328,8 @@ class Trainer:
                 raise UserError("SCAN needs its positive neighbours (stage 1)")
             if neighbors.shape != (n, cfg.k):
                 raise UserError(f"neighbour table is {tuple(neighbors.shape)}, expected ({n}, {cfg.k})")
+        self.neighbors = neighbors if cfg.method == "scan" else None
+        self._data_fingerprint: Optional[dict] = None
         self.method = build_method(cfg, self.backbone, self.num_classes)
         if cfg.method == "scan" and cfg.init_from:
             self._init_from(cfg.init_from)
@@ -339,26 +389,20 @@ class Trainer:
         tmp = root / f".tmp_step_{step:08d}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            with self._writing(tmp, final):
+                tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        with self._writing(tmp, final):
+            acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self.cfg.save(tmp / "config.yaml")
-            _pause_point(self.run_dir, "checkpoint_written", step)
-            files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            for name in files:
-                _fsync(tmp / name)
-            state = {**asdict(self.state), "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps,
-                     "steps_per_epoch": self.steps_per_epoch, "files": files}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks completeness
-            _fsync(tmp / STATE_FILE)
-            _fsync(tmp)
-            _pause_point(self.run_dir, "checkpoint_complete", step)
-            if final.exists():  # saved before (a run resumed from further back) or damaged: replaced
-                _discard(final)
-            os.replace(tmp, final)
-            _fsync(root)
+            with self._writing(tmp, final):
+                self._write_checkpoint_files(tmp, step)
+                _pause_point(self.run_dir, "checkpoint_complete", step)
+                if final.exists():  # saved before (a run resumed from further back) or damaged: replaced
+                    _discard(final)
+                os.replace(tmp, final)
+                _fsync(root)
             _pause_point(self.run_dir, "checkpoint_renamed", step)
             others = [c for c in list_checkpoints(self.run_dir) if c != final]  # never prune the new one
             for old in others[:max(0, len(others) - (max(1, self.cfg.keep_checkpoints) - 1))]:
@@ -367,18 +411,112 @@ class Trainer:
         self.saved_step = step
         return final
 
+    @contextlib.contextmanager
+    def _writing(self, tmp: Path, final: Path):
+        """A write error (a full disk, a quota, a failing device) while making a checkpoint: the unfinished
+        ``tmp`` is removed and the run ends with one line; the last good checkpoint is untouched."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, NonFiniteLoss):
+                raise
+            self._write_failed(tmp, final, e)
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError":  # safetensors' own error type for a failed write
+                raise
+            self._write_failed(tmp, final, e)
+
+    def _write_failed(self, tmp: Path, final: Path, e: Exception) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lines = str(getattr(e, "strerror", None) or e).strip().splitlines() or [type(e).__name__]
+        raise UserError(f"could not write checkpoint {final.name} in {final.parent}: {lines[0][:300]}; the last good "
+                        f"checkpoint, {self._last_good()}, is unchanged (make room, then continue with "
+                        "--resume latest)") from None
+
+    def _write_checkpoint_files(self, tmp: Path, step: int) -> None:
+        """Beside what ``save_state`` wrote: the config, then ``train_state.json`` (last: marks completeness) with
+        the position, the data fingerprint, and the size and sha256 of every other file."""
+        self.cfg.save(tmp / "config.yaml")
+        _pause_point(self.run_dir, "checkpoint_written", step)
+        names = [f.relative_to(tmp).as_posix() for f in sorted(tmp.rglob("*")) if f.is_file()]
+        files = {name: (tmp / name).stat().st_size for name in names}
+        for name in names:
+            _fsync(tmp / name)
+        state = {**asdict(self.state), "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps,
+                 "steps_per_epoch": self.steps_per_epoch, "files": files,
+                 "sha256": {name: identity.file_sha256(tmp / name) for name in names},
+                 "data": self.data_fingerprint()}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        _fsync(tmp / STATE_FILE)
+        _fsync(tmp)
+
+    def data_fingerprint(self) -> dict:
+        """The training data's fingerprint (:func:`scan_zoo.identity.data_fingerprint`), computed once."""
+        if self._data_fingerprint is None:
+            self._data_fingerprint = identity.data_fingerprint(self.train_base, self.data_root, self.neighbors)
+        return self._data_fingerprint
+
+    def _check_identity(self, path: Path, saved: dict) -> list:
+        """The checkpoint's config and data against this run's (:func:`scan_zoo.identity.check_resume`)."""
+        import yaml
+
+        try:
+            saved_cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except FileNotFoundError:
+            saved_cfg = None
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"checkpoint {path} has an unreadable config.yaml ({type(e).__name__})") from None
+        if saved_cfg is None:
+            logger.warning("checkpoint %s records no config: its run's identity cannot be checked", path)
+            return []
+        if not isinstance(saved_cfg, dict):
+            raise UserError(f"checkpoint {path} has a config.yaml that is not a mapping")
+        if "data" not in saved:
+            logger.warning("checkpoint %s records no data fingerprint (written by an older version): the training "
+                           "data cannot be compared", path)
+        return identity.check_resume(path, saved_cfg, saved.get("data"), self.cfg, self.data_fingerprint())
+
+    def _apply_override(self, path: Path, applied: list) -> None:
+        """Continue with the new values: optimiser hyper-parameters and the lr schedule are rebuilt from this
+        run's config (the checkpoint's optimizer and scheduler state carry the old ones), and the change is
+        recorded in ``metrics.jsonl``."""
+        cfg = self.cfg
+        groups = self.optimizer.param_groups
+        for g in groups:
+            g.update(initial_lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+        sched = self.scheduler
+        sched.base_lrs = [cfg.lr for _ in groups]
+        now = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for g, lr in zip(groups, now):
+            g["lr"] = lr
+        sched._last_lr = now
+        changes = {name: {"old": old, "new": new} for name, old, new in applied}
+        text = ", ".join(f"{n} {o!r} -> {v!r}" if n != identity.DATA else "data" for n, o, v in applied)
+        logger.warning("resuming %s with --resume-override: %s (recorded in metrics.jsonl)", path, text)
+        if self.acc.is_main_process:
+            row = {"step": self.state.step, "resume_override": changes, "checkpoint": str(path)}
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+
     def load_checkpoint(self, path: Path) -> None:
         saved = json.loads((path / STATE_FILE).read_text())
+        applied = self._check_identity(path, saved)
         if saved.get("steps_per_epoch") != self.steps_per_epoch:
             raise UserError(f"checkpoint {path} was made with {saved.get('steps_per_epoch')} steps per epoch, "
                             f"this run has {self.steps_per_epoch}: same data, batch size and process count needed")
-        self.acc.load_state(str(path))
+        try:
+            self.acc.load_state(str(path))
+        except (RuntimeError, KeyError, ValueError, OSError) as e:
+            lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+            raise UserError(f"checkpoint {path} does not fit this run: {' '.join(lines[:2])[:300]}") from None
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"],
                                 saved.get("skipped_nonfinite", 0))
         self.saved_step = self.state.step
         self._trim_logs(self.state.step)
-        if saved.get("total_steps") != self.total_steps:
+        if applied:
+            self._apply_override(path, applied)
+        elif saved.get("total_steps") != self.total_steps:
             logger.warning("checkpoint %s was made for a %s-step schedule; this run has %d steps (--epochs/--max-steps"
                            " changed): the cosine schedule changes from here", path, saved.get("total_steps"),
                            self.total_steps)
@@ -408,15 +546,26 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- training
     def fit(self) -> dict:
-        """Train (from the checkpoint named by ``cfg.resume`` if any), checkpoint, export. Returns a summary."""
+        """Train (from the checkpoint named by ``cfg.resume`` if any), checkpoint, export. Returns a summary.
+
+        The run directory is locked for the whole run (:mod:`scan_zoo.run_lock`)."""
+        with run_lock.hold(self.run_dir, self.acc):
+            return self._fit()
+
+    def _fit(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.acc
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         resume = resolve_resume(cfg, self.run_dir)
         if resume is not None:
             self.load_checkpoint(resume)
         if acc.is_main_process:
+            if resume is not None:
+                moved = abandon_newer(self.run_dir, self.state.step)
+                if moved:
+                    logger.warning("resumed from step %d, before the newest checkpoint: the newer ones are moved to "
+                                   "%s (kept, not deleted), so that --resume latest continues this line",
+                                   self.state.step, moved)
             remove_leftovers(self.run_dir)
             cfg.save(self.run_dir / "config.yaml")
         acc.init_trackers("train", config={k: v for k, v in cfg.to_dict().items() if v is not None})
@@ -611,8 +760,13 @@ class Trainer:
         return [int(v) for v in self.acc.reduce(t, "sum").tolist()]
 
     def _last_good(self) -> str:
-        ckpts = list_checkpoints(self.run_dir)
-        return str(ckpts[-1]) if ckpts else f"none yet (in {self.run_dir / CKPT_DIR})"
+        """The newest checkpoint whose content matches its recorded hashes (a corrupt one never counts)."""
+        for ckpt in reversed(list_checkpoints(self.run_dir)):
+            problem = checkpoint_problem(ckpt, verify=True)
+            if problem is None:
+                return str(ckpt)
+            logger.warning("checkpoint %s is corrupt: %s", ckpt, problem)
+        return f"none yet (in {self.run_dir / CKPT_DIR})"
 
     def _skipped_images_file(self) -> str:
         if self.acc.num_processes == 1:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_lib
+from . import run_lock
 from .config import TrainConfig, build_config, load_yaml
 from .engine import Trainer, make_accelerator
 from .errors import UserError
@@ -19,8 +20,15 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def run_training(cfg: TrainConfig) -> dict:
-    """Train one method (stage 1 mining included for SCAN when only an appearance model is named)."""
+    """Train one method (stage 1 mining included for SCAN when only an appearance model is named).
+
+    The run directory is locked first (:mod:`scan_zoo.run_lock`): a second run into it stops before any work."""
     acc = make_accelerator(Path(cfg.output_dir))
+    with run_lock.hold(Path(cfg.output_dir), acc):
+        return _run_training(cfg, acc)
+
+
+def _run_training(cfg: TrainConfig, acc) -> dict:
     neighbors = None
     if cfg.method == "scan":
         if cfg.init_from is None and cfg.appearance_model is None:
