@@ -182,7 +182,7 @@ def _warn_left_out(ds: SafeImageFolder, path: Path, show: int = 5) -> None:
         return "; ".join(shown) + (f"; and {len(items) - show} more" if len(items) > show else "")
 
     if ds.skipped:
-        logger.warning("%s: %d file(s) with an image name left out, not being regular files: %s",
+        logger.warning("%s: %d file(s) with an image name left out as not regular files: %s",
                        display_path(path), len(ds.skipped), names(ds.skipped))
     if ds.unfollowed:
         logger.warning("%s: %d folder(s) not listed (each would repeat a folder or bring in images from "

@@ -65,12 +65,12 @@ def _owner(real: str, class_reals: dict) -> str | None:
 def _refuse_link(real: str, own: str, class_reals: dict, ancestors: set, visited: set) -> str | None:
     """Why the directory link resolving to ``real`` inside class ``own`` is not followed, or None to follow it."""
     if real in ancestors:
-        return "leads above the class folders (to the split or a folder holding it)"
+        return "leads to the split folder or above it"
     owner = _owner(real, class_reals)
     if owner == own:
         return "leads back into its own class folder"
     if owner is not None:
-        return f"leads into the folder of another class ({owner})"
+        return f"leads into the folder of class {owner}"
     if real in visited:
         return "leads to a folder listed already"
     return None
