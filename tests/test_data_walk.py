@@ -3,10 +3,12 @@
 Each tree is listed safely (each real folder once, regular files only) and every name that reaches a log, list
 or JSON file is written escaped, one line per file. The commands run for real, with a timeout: a hang fails.
 """
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import stat
 from pathlib import Path
@@ -21,6 +23,25 @@ from scan_zoo.imageio import UnreadableImage, rgb_loader
 BAD = b"\xff\xfe.png"  # a name that is not UTF-8
 NEWLINE = "new\nline.png"
 TINY = ["--model", "test_resnet", "--image-size", "16", "--eval-resize", "16", "--num-workers", "0"]
+
+
+class Hang(Exception):
+    """Not an OSError (TimeoutError is one, and os.walk swallows those)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (:class:`Hang`) instead of hanging: a FIFO read or a listing that never ends."""
+    def expire(*_):
+        raise Hang(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def torchvision_listing(split: Path) -> list:
@@ -109,7 +130,7 @@ def test_link_loops_are_followed_once_and_labels_stay_right(tmp_path, caplog):
     os.symlink("..", external / "inner" / "back")  # a loop outside the split
     os.symlink(external, c0 / "ext_a")
     os.symlink(external, c0 / "ext_b")  # the same folder again: listed once
-    with caplog.at_level(logging.WARNING, logger="scan_zoo"):
+    with caplog.at_level(logging.WARNING, logger="scan_zoo"), deadline(30):
         ds = data_lib.image_folder(data, "train")
     listed = [(Path(p).relative_to(data / "train").as_posix(), ds.classes[t]) for p, t in ds.samples]
     plain = [(rel, rel.split("/")[0]) for rel in (Path(p).relative_to(data / "train").as_posix() for p, _ in before)]
@@ -123,12 +144,13 @@ def test_link_loops_are_followed_once_and_labels_stay_right(tmp_path, caplog):
 def test_only_regular_files_are_opened(tmp_path):
     fifo = tmp_path / "x.png"
     os.mkfifo(fifo)  # opening it for reading the ordinary way blocks until a writer comes
-    with pytest.raises(UnreadableImage, match="x.png: a FIFO, not a regular file"):
-        rgb_loader(str(fifo))
     from scan_zoo.device_data import read_for_device
 
-    with pytest.raises(UnreadableImage, match="a FIFO"):
-        read_for_device(str(fifo))
+    with deadline(10):
+        with pytest.raises(UnreadableImage, match="x.png: a FIFO, not a regular file"):
+            rgb_loader(str(fifo))
+        with pytest.raises(UnreadableImage, match="a FIFO"):
+            read_for_device(str(fifo))
     with pytest.raises(UnreadableImage, match="a directory"):
         rgb_loader(str(tmp_path))
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
@@ -140,7 +162,7 @@ def test_the_listing_leaves_out_what_is_not_a_regular_file(tmp_path, caplog):
 
     data = make_image_folder(tmp_path / "data", classes=2, per_class=3, val_per_class=1)
     names = hostile(data)
-    with caplog.at_level(logging.WARNING, logger="scan_zoo"):
+    with caplog.at_level(logging.WARNING, logger="scan_zoo"), deadline(30):
         ds = data_lib.image_folder(data, "train")
     rel = lambda p: display_path(os.path.relpath(p, data / "train"))  # noqa: E731
     assert {rel(p) for p, _ in ds.skipped} == names["left_out"]
@@ -178,7 +200,7 @@ def test_training_on_a_hostile_tree_neither_hangs_nor_crashes(tmp_path):
 
     cfg = dict(method="supervised", model="test_resnet", data=str(data), output_dir=str(tmp_path / "strict"),
                epochs=1, batch_size=10, image_size=16, eval_resize=16, num_workers=0, strict_data=True)
-    with pytest.raises(UserError, match="--strict-data.*(not a regular file|dangling)"):
+    with pytest.raises(UserError, match="--strict-data.*(not a regular file|dangling)"), deadline(60):
         run_training(build_config(cfg))
 
 
