@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms as T
 
 from .errors import UserError
-from .imageio import UnreadableImage, rgb_loader
+from .folders import SafeImageFolder
+from .imageio import UnreadableImage, display_path, rgb_loader
 
 logger = logging.getLogger(__name__)
 
@@ -148,24 +149,44 @@ class MultiView:
 
 # ------------------------------------------------------------------------------------------- datasets
 def image_folder(root: str | Path, split: str) -> datasets.ImageFolder:
-    """``root/split`` as a torchvision ImageFolder, with a clear error when it is not one."""
+    """``root/split`` as an ImageFolder listed safely (:class:`scan_zoo.folders.SafeImageFolder`), with a clear
+    error when it is not one and one warning each for what its listing left out.
+
+    The data set's ``skipped`` lists (path, reason) for files with an image name that are not regular files
+    (FIFOs, sockets, devices, dangling links): never opened, and refused by ``--strict-data``."""
     path = Path(root) / split
     if not Path(root).is_dir():
-        raise UserError(f"data directory not found: {root}")
+        raise UserError(f"data directory not found: {display_path(root)}")
     if not path.is_dir():
-        raise UserError(f"data directory {root} has no '{split}' folder (expected ImageNet layout: {split}/<class>/<image>)")
+        raise UserError(f"data directory {display_path(root)} has no '{split}' folder "
+                        f"(expected ImageNet layout: {split}/<class>/<image>)")
     try:
-        ds = datasets.ImageFolder(str(path), loader=rgb_loader, allow_empty=True)
+        ds = SafeImageFolder(str(path), loader=rgb_loader, allow_empty=True)
     except (FileNotFoundError, RuntimeError) as e:
-        raise UserError(f"cannot read {path} as an ImageFolder: {e}") from None
+        raise UserError(f"cannot read {display_path(path)} as an ImageFolder: {display_path(str(e))}") from None
+    _warn_left_out(ds, path)
     if not ds.samples:
-        raise UserError(f"{path} holds no images (expected {split}/<class>/<image>)")
+        raise UserError(f"{display_path(path)} holds no images (expected {split}/<class>/<image>)")
     counts = np.bincount(ds.targets, minlength=len(ds.classes))
-    empty = [c for c, n in zip(ds.classes, counts) if n == 0]
+    empty = [display_path(c) for c, n in zip(ds.classes, counts) if n == 0]
     if empty:
-        logger.warning("%s: %d empty class folder(s) kept as classes without images: %s", path, len(empty),
-                       ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
+        logger.warning("%s: %d empty class folder(s) kept as classes without images: %s", display_path(path),
+                       len(empty), ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
     return ds
+
+
+def _warn_left_out(ds: SafeImageFolder, path: Path, show: int = 5) -> None:
+    """One warning for the files a listing left out and one for the directories it did not follow."""
+    def names(items):
+        shown = [f"{display_path(os.path.relpath(p, path))} ({why})" for p, why in items[:show]]
+        return "; ".join(shown) + (f"; and {len(items) - show} more" if len(items) > show else "")
+
+    if ds.skipped:
+        logger.warning("%s: %d file(s) with an image name left out as not regular files: %s",
+                       display_path(path), len(ds.skipped), names(ds.skipped))
+    if ds.unfollowed:
+        logger.warning("%s: %d folder(s) not listed (each would repeat a folder or bring in images from "
+                       "outside its class folder): %s", display_path(path), len(ds.unfollowed), names(ds.unfollowed))
 
 
 class DecodedCache:
@@ -219,10 +240,11 @@ def resolve_data_root(data: str, cache: Optional[str] = None, progress: bool = T
 
 
 def dataset_fingerprint(ds: datasets.ImageFolder) -> str:
-    """sha256 over the relative file list and labels: identifies a data set without reading its pixels."""
+    """sha256 over the relative file list (the names' bytes) and labels: identifies a data set without reading
+    its pixels."""
     h = hashlib.sha256()
     for path, label in ds.samples:
-        h.update(f"{Path(path).relative_to(ds.root).as_posix()}\t{label}\n".encode())
+        h.update(os.fsencode(Path(path).relative_to(ds.root).as_posix()) + f"\t{label}\n".encode())
     return h.hexdigest()
 
 

@@ -32,7 +32,7 @@ from torchvision import transforms as T
 
 from .data import MultiView, ToNormalizedTensor, gaussian_blur
 from .errors import UserError
-from .imageio import _DECODE_ERRORS, UnreadableImage, rgb_loader
+from .imageio import _DECODE_ERRORS, UnreadableImage, display_path, open_regular, rgb_loader
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ def read_for_device(path: str) -> tuple[torch.Tensor, tuple[int, int]]:
     """``(data, (height, width))``: the encoded bytes (uint8 [n]) of a JPEG torchvision.io decodes, else the
     image decoded here by PIL (uint8 [3, H, W]); :class:`UnreadableImage` if PIL cannot open it."""
     try:
-        raw = Path(path).read_bytes()
+        with open_regular(path) as f:  # a FIFO or device is refused, never read
+            raw = f.read()
         with Image.open(io.BytesIO(raw)) as im:  # reads the header only
             fmt, mode, (width, height) = im.format, im.mode, im.size
     except _DECODE_ERRORS as e:
@@ -278,10 +279,11 @@ class DeviceViews:
                             img = Image.open(io.BytesIO(data[i].numpy().tobytes()))
                             img.load()
                             out.append(pil_to_tensor(img.convert("RGB")).to(device))
-                            logger.warning("%s: the device's JPEG decoder failed (%s); decoded by PIL", paths[i], e)
+                            logger.warning("%s: the device's JPEG decoder failed (%s); decoded by PIL",
+                                           display_path(paths[i]), e)
                         except _DECODE_ERRORS as e2:
                             out.append(None)
-                            reasons.append(f"{paths[i]}: {type(e2).__name__}: {e2}")
+                            reasons.append(str(UnreadableImage(paths[i], f"{type(e2).__name__}: {e2}")))
             for i, img in zip(encoded, out):
                 images[i] = img
         return images, reasons

@@ -313,7 +313,8 @@ class Trainer:
             from .imageio import UnreadableImage, verify_images
 
             try:
-                verify_images([p for p, _ in self.train_base.samples], progress=acc.is_main_process)
+                verify_images([p for p, _ in self.train_base.samples], progress=acc.is_main_process,
+                              left_out=getattr(self.train_base, "skipped", ()))
             except UnreadableImage as e:
                 raise UserError(f"unreadable training image (--strict-data): {e}") from None
         if cfg.method != "supervised" and cfg.queue_size >= n:

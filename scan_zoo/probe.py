@@ -247,10 +247,11 @@ def weights_digest(module: nn.Module) -> str:
 
 def files_digest(ds) -> str:
     """sha256 over an ImageFolder's classes and files (relative path, label, size, mtime): no pixels read."""
-    h = hashlib.sha256("\n".join(ds.classes).encode())
+    h = hashlib.sha256(os.fsencode("\n".join(ds.classes)))  # names as their bytes: any may be non-UTF-8
     for path, label in ds.samples:
         st = os.stat(path)
-        h.update(f"{Path(path).relative_to(ds.root).as_posix()}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        rel = Path(path).relative_to(ds.root).as_posix()
+        h.update(os.fsencode(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n"))
     return h.hexdigest()
 
 

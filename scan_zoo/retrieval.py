@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .errors import UserError
+from .imageio import display_path
 
 logger = logging.getLogger(__name__)
 
@@ -366,15 +367,16 @@ def run_retrieval(models: list[str], data: str = "digits", queries: int = 8, k: 
                           "sims": sims, "idx": idx})
 
     layout = Layout(len(chosen), len(models), k)
-    classes = train.classes
-    query_entries = [{"index": i, "path": val.samples[i][0], "label": int(val_labels[i]),
+    classes = [display_path(c) for c in train.classes]  # names escaped for the JSON and the captions
+    query_entries = [{"index": i, "path": display_path(val.samples[i][0]), "label": int(val_labels[i]),
                       "class": classes[int(val_labels[i])], "box": list(layout.box(row))}
                      for row, i in enumerate(chosen)]
     model_entries = []
     for m, pm in enumerate(per_model):
         rows = []
         for row, q in enumerate(chosen):
-            rows.append([{"index": int(j), "path": train.samples[int(j)][0], "label": int(train_labels[j]),
+            rows.append([{"index": int(j), "path": display_path(train.samples[int(j)][0]),
+                          "label": int(train_labels[j]),
                           "class": classes[int(train_labels[j])], "similarity": float(s),
                           "same_class": bool(train_labels[j] == val_labels[q]), "box": list(layout.box(row, m, r))}
                          for r, (s, j) in enumerate(zip(pm["sims"][row], pm["idx"][row]))])
@@ -382,11 +384,12 @@ def run_retrieval(models: list[str], data: str = "digits", queries: int = 8, k: 
                              | {"neighbors": rows})
 
     grid = retrieval_grid(
-        query_images=[_open(val, e["path"]) for e in query_entries],
+        query_images=[_open(val, val.samples[e["index"]][0]) for e in query_entries],
         query_captions=[f"class {e['class']}" for e in query_entries],
         query_labels=[e["label"] for e in query_entries],
         model_names=names,
-        neighbor_images=[[[_open(train, n["path"]) for n in row] for row in me["neighbors"]] for me in model_entries],
+        neighbor_images=[[[_open(train, train.samples[n["index"]][0]) for n in row] for row in me["neighbors"]]
+                         for me in model_entries],
         neighbor_labels=[[[n["label"] for n in row] for row in me["neighbors"]] for me in model_entries],
         neighbor_captions=[[[f"{n['class']}  {n['similarity']:.3f}" for n in row] for row in me["neighbors"]]
                            for me in model_entries],
