@@ -15,6 +15,7 @@ name contains.
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import numpy as np
@@ -114,7 +115,9 @@ def rgb_loader(path: str) -> Image.Image:
             img.load()
         return to_rgb(img)
     except _DECODE_ERRORS as e:
-        raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
+        # PIL names the open file object (<_io.BufferedReader name=3>); the path already starts the message
+        reason = re.sub(r" ?<_io\.\w+ name=\d+>", "", str(e))
+        raise UnreadableImage(path, f"{type(e).__name__}: {reason}") from None
 
 
 def verify_images(paths, progress: bool = True, left_out=()) -> None:
