@@ -5,7 +5,7 @@
     accelerate launch eval_linear.py runs/scan_zoo/scan --data digits --protocol moco
     python eval_linear.py hf-hub:timm/resnet50.a1_in1k --data /path/to/imagenet --out runs/eval/r50.json
 
-MODEL is anything scan_zoo.models.load_backbone accepts: a run or export directory, a training
+MODEL is anything scan_zoo.models.loading.load_backbone accepts: a run or export directory, a training
 checkpoint directory, a .safetensors file (--arch names its architecture when no config.json is beside
 it), or a timm name with weights (hf-hub:..., local-dir:..., arch.tag).
 
@@ -22,7 +22,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scan_zoo.probe import PROTOCOLS, ProbeConfig
+    from scan_zoo.eval.probe import PROTOCOLS, ProbeConfig
 
     d = ProbeConfig()
     p = argparse.ArgumentParser(prog="eval_linear.py", description=__doc__,
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """The probe's config from the options, every value type- and range-checked (one UserError line)."""
-    from scan_zoo.probe import ProbeConfig
-    from scan_zoo.validation import parse_fields
+    from scan_zoo.common.validation import parse_fields
+    from scan_zoo.eval.probe import ProbeConfig
 
     fields = ("protocol", "epochs", "lr", "momentum", "weight_decay", "batch_size", "seed", "image_size",
               "eval_resize", "crop_scale_min", "crop_scale_max", "hflip", "knn_k", "knn_temperature", "cache_dir",
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import PartialState
 
-    from scan_zoo.errors import UserError
-    from scan_zoo.probe import evaluate_model, merge_results, results_path
+    from scan_zoo.common.errors import UserError
+    from scan_zoo.eval.probe import evaluate_model, merge_results, results_path
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -30,8 +30,8 @@ def _entry_point(name: str, doc: str):
 
 
 def _register_entry_points() -> None:
-    from scan_zoo.cards import metrics_summary
-    from scan_zoo.registry import ENTRIES
+    from scan_zoo.zoo.cards import metrics_summary
+    from scan_zoo.zoo.registry import ENTRIES
 
     for entry in ENTRIES:
         if entry.has_weights:

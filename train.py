@@ -5,7 +5,7 @@
     accelerate launch train.py --method moco --data /path/to/imagenet --config configs/moco_v2_in1k.yaml
     accelerate launch --multi_gpu --num_processes 2 train.py --max-steps 5 --output-dir runs/smoke
 
-Every option is a field of scan_zoo.config.TrainConfig; `--config` reads a YAML recipe and the
+Every option is a field of scan_zoo.train.config.TrainConfig; `--config` reads a YAML recipe and the
 command line overrides it. Not SCAN clustering (Van Gansbeke et al., 2020).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scan_zoo.config import add_arguments
+    from scan_zoo.train.config import add_arguments
 
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,11 +29,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import PartialState
 
-    from scan_zoo.config import config_from_args, load_yaml
-    from scan_zoo.engine import NonFiniteLoss
-    from scan_zoo.errors import UserError
-    from scan_zoo.interrupt import EXIT_STATUS, Interrupted
-    from scan_zoo.pipeline import format_knn_table, run_pipeline, run_training
+    from scan_zoo.common.errors import UserError
+    from scan_zoo.experiments.pipeline import (
+        format_knn_table,
+        run_pipeline,
+        run_training,
+    )
+    from scan_zoo.train.config import config_from_args, load_yaml
+    from scan_zoo.train.interrupt import EXIT_STATUS, Interrupted
+    from scan_zoo.train.trainer import NonFiniteLoss
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -94,4 +98,4 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C while the libraries are imported, or while the process group is closed
         if os.environ.get("RANK", "0") == "0":
             print(interrupted_line("train.py"), file=sys.stderr)
-        sys.exit(130)  # scan_zoo.interrupt.EXIT_STATUS (not imported here: the interrupt may have hit that import)
+        sys.exit(130)  # scan_zoo.train.interrupt.EXIT_STATUS (not imported here: the interrupt may have hit that import)

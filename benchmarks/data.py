@@ -77,8 +77,8 @@ def photo_like_jpegs(root: Path, n: int, size=(375, 500), classes: int = 8, qual
 
 
 def make_trainer(recipe: str, overrides: dict):
-    from scan_zoo.config import build_config, load_yaml
-    from scan_zoo.engine import Trainer
+    from scan_zoo.train.config import build_config, load_yaml
+    from scan_zoo.train.trainer import Trainer
 
     cfg = build_config(load_yaml(ROOT / "configs" / recipe), overrides)
     return Trainer(cfg), cfg
@@ -303,7 +303,7 @@ def measure_digits(args) -> dict:
 def measure_jpeg(args) -> dict:
     import dataclasses
 
-    from scan_zoo.engine import train_loader
+    from scan_zoo.train.trainer import train_loader
 
     tmp = Path(tempfile.mkdtemp(prefix="scan_zoo_data_bench_"))
     if args.data:
@@ -314,7 +314,7 @@ def measure_jpeg(args) -> dict:
         files = sorted((root / "train").rglob("*.jpg"))
         kb = statistics.mean(f.stat().st_size for f in files) / 1e3
         what = f"{len(files)} generated 500x375 JPEGs (mean {kb:.0f} kB, written in {time.perf_counter() - start:.1f} s)"
-    from scan_zoo.data import image_folder
+    from scan_zoo.data.datasets import image_folder
 
     n = len(image_folder(root, "train").samples)
     overrides = {"output_dir": str(tmp / "run"), "num_workers": args.workers, "data": str(root),
@@ -380,7 +380,7 @@ def main() -> int:
 
     import torch
 
-    from scan_zoo.config import TrainConfig
+    from scan_zoo.train.config import TrainConfig
 
     if args.workers is None:
         args.workers = TrainConfig.num_workers

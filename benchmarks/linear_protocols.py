@@ -4,7 +4,7 @@
     python benchmarks/linear_protocols.py runs/scan_zoo/scan
     python benchmarks/linear_protocols.py hf-hub:timm/test_resnet.r160_in1k --data digits
 
-Runs the `cached` and the `moco` protocol (scan_zoo.probe) one after the other with their real
+Runs the `cached` and the `moco` protocol (scan_zoo.eval.probe) one after the other with their real
 settings (100 epochs, SGD lr 30, lr x0.1 at 60 and 80, batch 256), each from a cold feature cache so
 that the cached protocol's time includes its one feature extraction. Prints both top-1s, their
 difference and, last, the speed ratio moco_time / cached_time (protocol wall time: extraction,
@@ -28,7 +28,7 @@ MIN_SPEEDUP = 20.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from scan_zoo.probe import ProbeConfig
+    from scan_zoo.eval.probe import ProbeConfig
 
     d = ProbeConfig()
     p = argparse.ArgumentParser(prog="linear_protocols.py", description=__doc__,
@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scan_zoo.errors import UserError
-    from scan_zoo.probe import ProbeConfig, evaluate_model
+    from scan_zoo.common.errors import UserError
+    from scan_zoo.eval.probe import ProbeConfig, evaluate_model
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ copied into it, never changed). Its ``zoo`` column is therefore the real path of
 Two measurements, medians, ratio zoo / plain (target <= 1.10, issue 6), printed last:
 
 - ``in-process``: repeated loads in one process, interleaved. scan_zoo remembers a file it has checked
-  (keyed by path, inode, size, mtime and ctime, :func:`scan_zoo.hub.verify_sha256`), so a repeated load
+  (keyed by path, inode, size, mtime and ctime, :func:`scan_zoo.zoo.hub.verify_sha256`), so a repeated load
   costs no second hash;
 - ``fresh process`` (``--fresh N``, default 5): the first ``create_model`` call in a new Python process
   (imports done, not timed), zoo and plain alternating; the case of a user who loads a model once.
@@ -121,8 +121,8 @@ def main() -> None:
                           a, pretrained=True, pretrained_cfg_overlay={"file": str(f), "num_classes": 0})))
     assert R50 in files, "the temporary lock did not make resnet50.scan_in1k a published entry"
     # a weight downloaded earlier is older than this; a file changed within the last VERIFIED_MIN_AGE_S is
-    # hashed on every load (scan_zoo.hub.verify_sha256)
-    time.sleep(max(0.0, r50.stat().st_ctime + scan_zoo.hub.VERIFIED_MIN_AGE_S + 0.5 - time.time()))
+    # hashed on every load (scan_zoo.zoo.hub.verify_sha256)
+    time.sleep(max(0.0, r50.stat().st_ctime + scan_zoo.zoo.hub.VERIFIED_MIN_AGE_S + 0.5 - time.time()))
 
     times = {name: {"zoo": [], "plain": []} for name, *_ in cases}
     for name, zoo, plain in cases:  # warm-up: imports, file cache

@@ -13,7 +13,7 @@ mining code must not care.
 Timed in one process, in the order floor(first half of the classes), mining, floor(second half), so a
 change in the machine's load touches both figures alike:
 
-- ``mining``: :func:`scan_zoo.neighbors.mine_neighbors` on ``numpy.load(file, mmap_mode="r")``: reading
+- ``mining``: :func:`scan_zoo.core.neighbors.mine_neighbors` on ``numpy.load(file, mmap_mode="r")``: reading
   each class's rows, float32 conversion, normalisation, the Gram matrix, top-K, the table;
 - ``floor``: the per-class Gram products alone (``a @ a.T`` for a float32 ``[m, 2048]`` matrix per class,
   same sizes, same threads): the arithmetic no mining method can skip.
@@ -152,7 +152,7 @@ def main() -> None:
 
     import torch
 
-    from scan_zoo.neighbors import mine_neighbors
+    from scan_zoo.core.neighbors import mine_neighbors
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,7 +3,7 @@
 
     python benchmarks/probe_val_zoom.py scan_zoo/weights/test_resnet.moco_digits
 
-Trains the linear layer of both protocols (scan_zoo.probe, 100 epochs, MoCo's settings) on one
+Trains the linear layer of both protocols (scan_zoo.eval.probe, 100 epochs, MoCo's settings) on one
 backbone, then scores each final classifier on the val split seen several ways: Resize(R) +
 CenterCrop(crop) for each R in --resizes (R = crop shows the whole image; larger R enlarges it, as
 the moco protocol's RandomResizedCrop does in training), and through the moco protocol's own training
@@ -28,9 +28,10 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scan_zoo import data as data_lib
-    from scan_zoo import evaluation, probe
-    from scan_zoo.models import load_backbone
+    from scan_zoo.data import datasets as data_lib
+    from scan_zoo.eval import probe
+    from scan_zoo.models import features as evaluation
+    from scan_zoo.models.loading import load_backbone
 
     p = argparse.ArgumentParser(prog="probe_val_zoom.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,11 +4,11 @@
     python benchmarks/step.py [--model resnet18] [--image-size 64] [--batch 48] [--repeats 15]
     python benchmarks/step.py --profile scan        # torch.profiler table of a few steps of one method
 
-Each method is the real class (:func:`scan_zoo.methods.build_method` from a :class:`scan_zoo.config.TrainConfig`)
+Each method is the real class (:func:`scan_zoo.methods.build_method` from a :class:`scan_zoo.train.config.TrainConfig`)
 taking real optimiser steps, as the engine does: forward (query encoder; for the contrastive methods the
 momentum update, the key encoder's no-grad forward with split-BN and the logits over ``[batch keys ++
 queue]``), backward, SGD step (momentum 0.9, weight decay), queue push. The queue has the ImageNet recipes'
-65,536 keys. SCAN's batch comes from :class:`scan_zoo.data.NeighborBatchSampler` over a neighbour table:
+65,536 keys. SCAN's batch comes from :class:`scan_zoo.data.datasets.NeighborBatchSampler` over a neighbour table:
 ``batch / (K + 1)`` anchors each followed by its K neighbours. Inputs are random tensors made once (the input
 pipeline is ``benchmarks/data.py``'s subject), so only the step is timed.
 
@@ -39,10 +39,10 @@ def build(method: str, args):
     """(model in train mode, SGD optimiser, batches) for one method; batches cycle over ``--steps`` steps."""
     import torch
 
-    from scan_zoo.config import TrainConfig
-    from scan_zoo.data import NeighborBatchSampler
+    from scan_zoo.data.datasets import NeighborBatchSampler
     from scan_zoo.methods import build_method
-    from scan_zoo.models import create_backbone
+    from scan_zoo.models.backbones import create_backbone
+    from scan_zoo.train.config import TrainConfig
 
     cfg = TrainConfig(method=method, model=args.model, batch_size=args.batch, queue_size=args.queue_size,
                       k=args.k, image_size=args.image_size).validate()
@@ -81,7 +81,7 @@ def build(method: str, args):
 
 
 def run_steps(model, opt, batches, args) -> int:
-    """One optimiser step per batch, as :class:`scan_zoo.engine.Trainer` takes it; returns the images seen."""
+    """One optimiser step per batch, as :class:`scan_zoo.train.trainer.Trainer` takes it; returns the images seen."""
     import torch
 
     for batch in batches:

@@ -6,11 +6,12 @@ This is not SCAN clustering ("Learning to Classify Images without Labels", Van G
 Importing the package registers the zoo's weights as timm pretrained tags:
 ``timm.create_model('test_resnet.scan_digits', pretrained=True)``.
 """
-from .errors import UserError
-from .losses import masked_info_nce
-from .neighbors import load_neighbors, mine_neighbors
-from .registry import ENTRIES, get_entry, list_models
-from .timm_bridge import install as _install_timm_tags
+from scan_zoo.common.errors import UserError
+from scan_zoo.core.losses import masked_info_nce
+from scan_zoo.core.neighbors import mine_neighbors
+from scan_zoo.data.neighbor_table import load_neighbors
+from scan_zoo.zoo.registry import ENTRIES, get_entry, list_models
+from scan_zoo.zoo.timm_bridge import install as _install_timm_tags
 
 __version__ = "0.1.0"
 __all__ = ["ENTRIES", "UserError", "get_entry", "list_models", "masked_info_nce", "mine_neighbors",

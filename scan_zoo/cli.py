@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def _cmd_data(args) -> int:
-    from .digits import render_digits
+    from scan_zoo.data.digits import render_digits
 
     out = render_digits(args.out, renders=args.renders, size=args.size, seed=args.seed)
     print(f"digit scenes written to {out} (train/ and val/ ImageFolder trees, metadata.npz)")
@@ -15,8 +15,8 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_mine(args) -> int:
-    from . import data as data_lib
-    from .mining import check_k, mine_dataset
+    from scan_zoo.data import datasets as data_lib
+    from scan_zoo.train.mining import check_k, mine_dataset
 
     check_k(args.k)  # before the data are rendered or listed
     root = data_lib.resolve_data_root(args.data, args.data_cache)
@@ -28,9 +28,13 @@ def _cmd_mine(args) -> int:
 
 
 def _cmd_convert_timm(args) -> int:
-    from .convert import detect_layout, read_checkpoint, to_timm
-    from .data import IMAGENET_MEAN, IMAGENET_STD
-    from .models import create_backbone, data_config_for, export_backbone
+    from scan_zoo.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from scan_zoo.models.backbones import (
+        create_backbone,
+        data_config_for,
+        export_backbone,
+    )
+    from scan_zoo.models.convert import detect_layout, read_checkpoint, to_timm
 
     state = read_checkpoint(args.checkpoint)
     layout = detect_layout(state)
@@ -46,7 +50,7 @@ def _cmd_convert_timm(args) -> int:
 def _cmd_convert_detectron2(args) -> int:
     import pickle
 
-    from .convert import read_checkpoint, to_detectron2
+    from scan_zoo.models.convert import read_checkpoint, to_detectron2
 
     src = Path(args.weights)
     state = read_checkpoint(src / "model.safetensors" if src.is_dir() else src)
@@ -59,12 +63,11 @@ def _cmd_convert_detectron2(args) -> int:
 
 
 def _cmd_list(args) -> int:
+    import fnmatch
     import json
 
-    from .cards import metrics_summary
-    from .registry import ENTRIES
-
-    import fnmatch
+    from scan_zoo.zoo.cards import metrics_summary
+    from scan_zoo.zoo.registry import ENTRIES
 
     rows = [e for e in ENTRIES if fnmatch.fnmatch(e.name, args.pattern) and (e.has_weights or not args.with_weights)]
     if args.json:
@@ -85,7 +88,7 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .hub import export
+    from scan_zoo.zoo.hub import export
 
     out = export(args.run_dir, args.name, args.out)
     print(f"{args.name} exported to {out} (model.safetensors, config.json, README.md)")
@@ -93,7 +96,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_publish(args) -> int:
-    from .hub import publish
+    from scan_zoo.zoo.hub import publish
 
     r = publish(args.folder, args.repo_id, endpoint=args.endpoint, private=args.private,
                 record_lock=not args.no_record)
@@ -106,14 +109,15 @@ def _cmd_publish(args) -> int:
 
 
 def _cmd_readme(args) -> int:
-    from .cards import update_readme
+    from scan_zoo.experiments.results_page import update_readme
 
+    root = Path(args.path).resolve().parent  # the checkout the README lies in: results/*.json beside it
     stale = []
     for path in (Path(args.path), Path(args.results)):
         if path == Path(args.results) and not path.is_file():
             continue  # an installed package has no docs/
         text = path.read_text()
-        new = update_readme(text)
+        new = update_readme(text, root)
         if new == text:
             print(f"{path}: the generated parts are up to date")
         elif args.check:
@@ -129,8 +133,9 @@ def _cmd_readme(args) -> int:
 def _cmd_build_digits(args) -> int:
     import logging
 
-    from .cards import headline, update_readme
-    from .zoo_build import build_digits
+    from scan_zoo.experiments.results_page import update_readme
+    from scan_zoo.experiments.zoo_build import build_digits
+    from scan_zoo.zoo.cards import headline
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("scan_zoo").setLevel(logging.INFO)
@@ -140,7 +145,7 @@ def _cmd_build_digits(args) -> int:
         print(f"{b['name']}: linear top-1 {linear}, kNN top-1 {knn}; shipped in {b['folder']} (sha256 {b['sha256'][:12]})")
     readme = Path(args.readme)
     if readme.is_file():
-        readme.write_text(update_readme(readme.read_text()))
+        readme.write_text(update_readme(readme.read_text(), readme.resolve().parent))
         print(f"{readme}: zoo table regenerated")
     return 0
 
@@ -219,17 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--readme", default="README.md", help="README whose zoo table is regenerated afterwards")
     bd.set_defaults(func=_cmd_build_digits)
 
-    from .retrieval import add_parser as add_retrieve_parser
+    from scan_zoo.eval.retrieval import add_parser as add_retrieve_parser
 
     add_retrieve_parser(sub)
-    from .bench import add_parser as add_bench_parser
+    from scan_zoo.experiments.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import UserError
+    from scan_zoo.common.errors import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)

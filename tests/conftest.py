@@ -31,7 +31,7 @@ def tiny_data(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    from scan_zoo.digits import render_digits
+    from scan_zoo.data.digits import render_digits
 
     return render_digits(tmp_path_factory.mktemp("digits") / "digits", progress=False)
 

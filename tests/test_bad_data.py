@@ -1,13 +1,13 @@
 """Broken and unusual files in an ImageFolder: converted where possible, skipped and listed otherwise."""
 import numpy as np
 import pytest
+from conftest import make_image_folder
 from PIL import Image
 
-from conftest import make_image_folder
-from scan_zoo.config import build_config
-from scan_zoo.errors import UserError
-from scan_zoo.imageio import UnreadableImage, rgb_loader
-from scan_zoo.pipeline import run_training
+from scan_zoo.common.errors import UserError
+from scan_zoo.data.imageio import UnreadableImage, rgb_loader
+from scan_zoo.experiments.pipeline import run_training
+from scan_zoo.train.config import build_config
 
 
 def write_modes(d):
@@ -71,8 +71,7 @@ def test_training_skips_counts_and_lists_unreadable_images(tmp_path):
 
 
 def test_a_very_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
-    from scan_zoo import imageio
-
+    from scan_zoo.data import imageio
     path = tmp_path / "huge.jpg"
     Image.new("RGB", (9000, 6000), (30, 60, 90)).save(path, quality=80)
     img = rgb_loader(str(path))

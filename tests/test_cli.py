@@ -57,18 +57,17 @@ def test_bad_config_file(tmp_path):
 
 
 def test_scan_zoo_data_digits_and_mine(tmp_path, tiny_data):
-    from scan_zoo.cli import main
-
     # mining needs a label-free model: export a random-init backbone the way a run does
     import timm
 
-    from scan_zoo.models import data_config_for, export_backbone
+    from scan_zoo.cli import main
+    from scan_zoo.models.backbones import data_config_for, export_backbone
 
     export_backbone(timm.create_model("test_resnet", num_classes=0), tmp_path / "m",
                     data_config_for(16, 16, (0.5,) * 3, (0.5,) * 3), {"method": "none"})
     assert main(["mine", "--model", str(tmp_path / "m"), "--data", str(tiny_data), "--out",
                  str(tmp_path / "nb.safetensors"), "--k", "2", "--image-size", "16", "--num-workers", "0"]) == 0
-    from scan_zoo.neighbors import load_neighbors
+    from scan_zoo.data.neighbor_table import load_neighbors
 
     idx, _, prov = load_neighbors(tmp_path / "nb.safetensors")
     assert idx.shape == (48, 2) and prov["k"] == 2

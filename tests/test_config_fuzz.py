@@ -10,14 +10,26 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import PYTHON, ROOT, run_cli
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import PYTHON, ROOT, run_cli
-from scan_zoo.config import TrainConfig, build_config, config_from_args, load_yaml, read_saved_config
-from scan_zoo.errors import UserError
-from scan_zoo.probe import ProbeConfig
-from scan_zoo.validation import INT64_MAX, Choice, Range, Text, field_specs, unbounded_fields
+from scan_zoo.common.errors import UserError
+from scan_zoo.common.validation import (
+    INT64_MAX,
+    Choice,
+    Text,
+    field_specs,
+    unbounded_fields,
+)
+from scan_zoo.eval.probe import ProbeConfig
+from scan_zoo.train.config import (
+    TrainConfig,
+    build_config,
+    config_from_args,
+    load_yaml,
+    read_saved_config,
+)
 
 SPECS = field_specs(TrainConfig)
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -213,7 +225,7 @@ def cheap_valid_configs(draw):
 def test_valid_configs_start_training_or_refuse_in_one_line(tiny_data_once, case):
     """The other half: a valid config takes its first step (or meets a check that needs the data, as a
     UserError). One step each, on 48 tiny images."""
-    from scan_zoo.pipeline import run_training
+    from scan_zoo.experiments.pipeline import run_training
 
     with tempfile.TemporaryDirectory() as d:
         values = {**case, "data": str(tiny_data_once), "output_dir": str(Path(d) / "run")}

@@ -6,8 +6,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from scan_zoo.convert import read_checkpoint, to_detectron2, to_timm
-from scan_zoo.errors import UserError
+from scan_zoo.common.errors import UserError
+from scan_zoo.models.convert import read_checkpoint, to_detectron2, to_timm
 
 
 @pytest.fixture(scope="module")

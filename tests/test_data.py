@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from scan_zoo import data as D
-from scan_zoo.digits import load_metadata, render_scene
+from scan_zoo.data import datasets as D
+from scan_zoo.data.digits import load_metadata, render_scene
 
 
 # ------------------------------------------------------------------------------------------ sampler
@@ -48,7 +48,7 @@ def test_each_anchor_is_followed_by_its_neighbours_and_shares_their_group():
 
 
 def test_a_process_never_gets_an_empty_batch():
-    from scan_zoo.errors import UserError
+    from scan_zoo.common.errors import UserError
 
     with pytest.raises(UserError, match="empty batch"):
         D.NeighborBatchSampler(7, 1, rank=0, world_size=2)
@@ -90,7 +90,7 @@ def test_augmentation_is_a_function_of_the_seed_only(tiny_data):
 
 
 def test_missing_data_directory_is_a_user_error(tmp_path):
-    from scan_zoo.errors import UserError
+    from scan_zoo.common.errors import UserError
 
     with pytest.raises(UserError, match="not found"):
         D.image_folder(tmp_path / "nope", "train")
@@ -137,7 +137,7 @@ def test_digit_scenes_tree_and_metadata(digits_root):
 
 
 def test_digit_scenes_are_reproducible(tmp_path, digits_root):
-    from scan_zoo.digits import render_digits
+    from scan_zoo.data.digits import render_digits
 
     again = render_digits(tmp_path / "again", progress=False)
     for rel in ["train/3/" + sorted(p.name for p in (digits_root / "train/3").iterdir())[0], "digits.json"]:

@@ -14,11 +14,11 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import BIN, PYTHON, make_image_folder, run_cli
 from torchvision import datasets
 
-from conftest import BIN, PYTHON, make_image_folder, run_cli
-from scan_zoo import data as data_lib
-from scan_zoo.imageio import UnreadableImage, rgb_loader
+from scan_zoo.data import datasets as data_lib
+from scan_zoo.data.imageio import UnreadableImage, rgb_loader
 
 BAD = b"\xff\xfe.png"  # a name that is not UTF-8
 NEWLINE = "new\nline.png"
@@ -77,7 +77,11 @@ def export_random(out: Path) -> Path:
     """A randomly initialised test_resnet exported as a model directory."""
     import torch
 
-    from scan_zoo.models import create_backbone, data_config_for, export_backbone
+    from scan_zoo.models.backbones import (
+        create_backbone,
+        data_config_for,
+        export_backbone,
+    )
 
     torch.manual_seed(0)
     export_backbone(create_backbone("test_resnet"), out,
@@ -86,7 +90,7 @@ def export_random(out: Path) -> Path:
 
 
 def test_display_path_escapes_whatever_a_name_holds():
-    from scan_zoo.imageio import display_path
+    from scan_zoo.data.imageio import display_path
 
     assert display_path("train/class_0/001.png") == "train/class_0/001.png"  # ordinary names are unchanged
     assert display_path("é.png") == "é.png"
@@ -144,7 +148,7 @@ def test_link_loops_are_followed_once_and_labels_stay_right(tmp_path, caplog):
 def test_only_regular_files_are_opened(tmp_path):
     fifo = tmp_path / "x.png"
     os.mkfifo(fifo)  # opening it for reading the ordinary way blocks until a writer comes
-    from scan_zoo.device_data import read_for_device
+    from scan_zoo.data.device import read_for_device
 
     with deadline(10):
         with pytest.raises(UnreadableImage, match="x.png: a FIFO, not a regular file"):
@@ -157,8 +161,8 @@ def test_only_regular_files_are_opened(tmp_path):
 
 
 def test_the_listing_leaves_out_what_is_not_a_regular_file(tmp_path, caplog):
-    from scan_zoo.folders import list_split
-    from scan_zoo.imageio import display_path
+    from scan_zoo.data.folders import list_split
+    from scan_zoo.data.imageio import display_path
 
     data = make_image_folder(tmp_path / "data", classes=2, per_class=3, val_per_class=1)
     names = hostile(data)
@@ -194,9 +198,9 @@ def test_training_on_a_hostile_tree_neither_hangs_nor_crashes(tmp_path):
     meta = json.loads((run / "config.json").read_text())["scan_zoo"]
     assert meta["num_train_images"] == 10
 
-    from scan_zoo.config import build_config
-    from scan_zoo.errors import UserError
-    from scan_zoo.pipeline import run_training
+    from scan_zoo.common.errors import UserError
+    from scan_zoo.experiments.pipeline import run_training
+    from scan_zoo.train.config import build_config
 
     cfg = dict(method="supervised", model="test_resnet", data=str(data), output_dir=str(tmp_path / "strict"),
                epochs=1, batch_size=10, image_size=16, eval_resize=16, num_workers=0, strict_data=True)

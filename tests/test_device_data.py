@@ -15,8 +15,8 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from scan_zoo import data as D
-from scan_zoo import device_data as DD
+from scan_zoo.data import datasets as D
+from scan_zoo.data import device as DD
 
 
 def scene(h: int, w: int, seed: int) -> np.ndarray:
@@ -148,7 +148,7 @@ class Recorder:
                 self.events.append(("crop", tuple(args[:4])))
             elif name == "gaussian_blur":  # torchvision's T.GaussianBlur
                 self.events.append(("blur", round(float(args[1][0]), 6)))
-            elif name == "gaussian_blur_image":  # scan_zoo.data.GaussianBlur
+            elif name == "gaussian_blur_image":  # scan_zoo.data.datasets.GaussianBlur
                 self.events.append(("blur", round(float(args[1]), 6)))
             elif name.startswith("adjust_"):
                 self.events.append((name[7:], round(float(args[0]), 6)))
@@ -247,7 +247,7 @@ def test_non_jpeg_is_decoded_by_the_worker_and_said_so(tiny_data, tmp_path, capl
     assert data.shape == (3, 20, 30) and size == (20, 30)  # CMYK JPEG: PIL, as with --decode cpu
     png, size = DD.read_for_device(str(next((tiny_data / "train").rglob("*.png"))))
     assert png.shape == (3, 16, 16) and size == (16, 16)
-    with caplog.at_level(logging.INFO, logger="scan_zoo.device_data"):
+    with caplog.at_level(logging.INFO, logger="scan_zoo.data.device"):
         DD.EncodedViews(D.image_folder(tiny_data, "train"), D.MultiView(D.moco_v2_transform(16), 2))
     assert "48 of 48 training images are not JPEG (48 .png)" in caplog.text
     assert "decode them on the CPU" in caplog.text
@@ -269,7 +269,7 @@ def test_unreadable_files_are_skipped_as_with_decode_cpu(jpegs, caplog):
 
 
 def test_unsupported_transform_is_refused():
-    from scan_zoo.errors import UserError
+    from scan_zoo.common.errors import UserError
 
     with pytest.raises(UserError, match="RandomRotation"):
         DD.DeviceViews(D.MultiView(T.Compose([T.RandomResizedCrop(8), T.RandomRotation(10)]), 2))
@@ -317,10 +317,11 @@ def test_digits_png_path_matches_the_pil_pipeline(tiny_data):
 
 # --------------------------------------------------------------------------------------------------- training
 def test_training_with_decode_device_resumes_exactly(jpegs, tmp_path):
-    from scan_zoo.config import build_config
-    from scan_zoo.engine import list_checkpoints
-    from scan_zoo.pipeline import run_training
     from safetensors.torch import load_file
+
+    from scan_zoo.experiments.pipeline import run_training
+    from scan_zoo.train.config import build_config
+    from scan_zoo.train.trainer import list_checkpoints
 
     def cfg(out, **kw):
         base = dict(method="moco", model="test_resnet", data=str(jpegs), output_dir=str(out), epochs=2, batch_size=4,
@@ -341,8 +342,8 @@ def test_training_with_decode_device_resumes_exactly(jpegs, tmp_path):
 
 
 def test_decode_option_is_validated():
-    from scan_zoo.config import build_config
-    from scan_zoo.errors import UserError
+    from scan_zoo.common.errors import UserError
+    from scan_zoo.train.config import build_config
 
     assert build_config({}).decode == "cpu"
     with pytest.raises(UserError, match="decode must be 'cpu' or 'device'"):
@@ -380,7 +381,7 @@ def test_moco_v2_views_unchanged_by_the_fast_paths(tiny_data):
 def test_decoded_cache_returns_what_rgb_loader_returns_and_rereads_changed_files(tiny_data):
     import os
 
-    from scan_zoo.imageio import UnreadableImage, rgb_loader
+    from scan_zoo.data.imageio import UnreadableImage, rgb_loader
 
     base = D.cache_small_dataset(D.image_folder(tiny_data, "train"))
     cache = base.loader

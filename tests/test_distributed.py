@@ -6,9 +6,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
-
 from conftest import BIN, run_cli
+from safetensors.torch import load_file
 
 
 def _free_port():
@@ -18,8 +17,7 @@ def _free_port():
 
 
 def _worker(rank, world, port, out):
-    from scan_zoo import distributed as D
-
+    from scan_zoo.common import distributed as D
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     n = 3 + rank  # unequal sizes: 3 and 4
     x = torch.arange(n, dtype=torch.float32)[:, None] + 100 * rank  # [n, 1]

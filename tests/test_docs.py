@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from scan_zoo.cards import update_readme
+from scan_zoo.experiments.results_page import update_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -27,7 +27,7 @@ def test_every_docs_page_is_reachable_from_the_readme():
 
 def test_results_page_is_generated_from_the_committed_json():
     text = (ROOT / "docs" / "results.md").read_text()
-    assert update_readme(text) == text, "docs/results.md is stale: run `scan-zoo readme`"
+    assert update_readme(text, ROOT) == text, "docs/results.md is stale: run `scan-zoo readme`"
 
 
 def test_readme_is_a_front_page():

@@ -12,13 +12,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import BIN, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from test_distributed import COMMON, _free_port, launch
+from test_engine import cfg_for, model_state
 
 import scan_zoo.methods.dsc as dsc_module
-from scan_zoo.config import build_config
-from scan_zoo.dense import (
+from scan_zoo.common.errors import UserError
+from scan_zoo.core.dense import (
     dense_correspondence,
     dense_info_nce,
     kmeans_pp_init,
@@ -27,14 +30,10 @@ from scan_zoo.dense import (
     spherical_kmeans,
     swapped_prediction,
 )
-from scan_zoo.errors import UserError
 from scan_zoo.methods import DSC, MoCo, num_views
 from scan_zoo.methods.blocks import update_momentum
 from scan_zoo.methods.dsc import resolve_feature_layer
-
-from conftest import BIN, run_cli
-from test_distributed import COMMON, _free_port, launch
-from test_engine import cfg_for, model_state
+from scan_zoo.train.config import build_config
 
 
 def unit(*shape, seed=0):
@@ -421,7 +420,7 @@ def test_config_fields_and_errors():
 
 # ---------------------------------------------------------------------------------------- training runs
 def test_train_resume_exact_and_export_loads_strictly(tiny_data, tmp_path):
-    from scan_zoo.pipeline import run_training
+    from scan_zoo.experiments.pipeline import run_training
 
     kw = dict(method="dsc", max_steps=3, dsc_clusters=4, dsc_pixel_samples=32)
     full = run_training(cfg_for(tiny_data, tmp_path / "full", **kw))
@@ -435,8 +434,8 @@ def test_train_resume_exact_and_export_loads_strictly(tiny_data, tmp_path):
     weights = load_file(full["weights"])
     model = timm.create_model("test_resnet", num_classes=0)
     model.load_state_dict(weights, strict=True)  # the backbone alone, plain timm keys
-    from scan_zoo.engine import list_checkpoints
-    from scan_zoo.models import load_backbone
+    from scan_zoo.models.loading import load_backbone
+    from scan_zoo.train.trainer import list_checkpoints
 
     from_ckpt, _ = load_backbone(str(list_checkpoints(tmp_path / "full")[-1]))  # dense head, queues dropped
     assert all(torch.equal(from_ckpt.state_dict()[k], weights[k]) for k in weights)
@@ -447,7 +446,7 @@ def test_train_resume_exact_and_export_loads_strictly(tiny_data, tmp_path):
 
 
 def test_prototype_run_with_topk(tiny_data, tmp_path):
-    from scan_zoo.pipeline import run_training
+    from scan_zoo.experiments.pipeline import run_training
 
     r = run_training(cfg_for(tiny_data, tmp_path / "pm", method="dsc", max_steps=2, dsc_assign="prototypes",
                              dsc_topk=2, dsc_clusters=4, dsc_queue_size=12))

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import PYTHON, run_cli
 from safetensors.torch import load_file
 
-from conftest import PYTHON, run_cli
-from scan_zoo.config import build_config
-from scan_zoo.engine import list_checkpoints
-from scan_zoo.pipeline import run_training
+from scan_zoo.experiments.pipeline import run_training
+from scan_zoo.train.config import build_config
+from scan_zoo.train.trainer import list_checkpoints
 
 
 def cfg_for(data, out, **kw):
@@ -55,7 +55,7 @@ def test_resume_mid_epoch_is_exact_too(tiny_data, tmp_path):
 
 
 def test_checkpoint_carries_queue_and_restores_it(tiny_data, tmp_path):
-    from scan_zoo.engine import Trainer, make_accelerator
+    from scan_zoo.train.trainer import Trainer, make_accelerator
 
     cfg = cfg_for(tiny_data, tmp_path / "run", stop_after_steps=3)
     run_training(cfg)
@@ -94,7 +94,7 @@ def test_export_loads_strictly_into_plain_timm(tiny_data, tmp_path):
 
 
 def test_existing_run_is_not_overwritten_without_resume(tiny_data, tmp_path):
-    from scan_zoo.errors import UserError
+    from scan_zoo.common.errors import UserError
 
     run_training(cfg_for(tiny_data, tmp_path / "run", stop_after_steps=1))
     with pytest.raises(UserError, match="--resume latest"):
@@ -120,7 +120,7 @@ def test_scan_run_mines_neighbours_and_starts_from_the_label_free_model(tiny_dat
     r = run_training(cfg)
     assert (tmp_path / "scan" / "neighbors.safetensors").is_file()
     # one step from the MoCo weights: the key encoder is still within (1 - m) of them
-    from scan_zoo.neighbors import load_neighbors
+    from scan_zoo.data.neighbor_table import load_neighbors
 
     idx, _, prov = load_neighbors(tmp_path / "scan" / "neighbors.safetensors")
     assert idx.shape == (48, 2) and prov["appearance_model"].endswith("model.safetensors")
@@ -141,7 +141,7 @@ def test_bf16_mixed_precision_follows_accelerate(tiny_data, tmp_path, monkeypatc
     """`accelerate launch --mixed_precision bf16` sets this variable; the loss stays float32 and finite."""
     from accelerate.state import AcceleratorState
 
-    from scan_zoo.engine import Trainer, make_accelerator
+    from scan_zoo.train.trainer import Trainer, make_accelerator
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests made a full-precision state
@@ -171,14 +171,14 @@ def test_scan_resume_is_exact_and_reuses_the_neighbour_table(tiny_data, tmp_path
 
 
 def test_a_training_checkpoint_is_a_model_reference(tiny_data, tmp_path):
-    from scan_zoo.models import load_backbone
+    from scan_zoo.models.loading import load_backbone
 
     run_training(cfg_for(tiny_data, tmp_path / "run", epochs=1))
     ckpt = list_checkpoints(tmp_path / "run")[-1]
     model, desc = load_backbone(str(ckpt))
     export = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert all(torch.equal(model.state_dict()[k], export[k]) for k in export)
-    from scan_zoo.convert import read_checkpoint, to_timm
+    from scan_zoo.models.convert import read_checkpoint, to_timm
 
     converted = to_timm(read_checkpoint(ckpt / "model.safetensors"), "test_resnet")
     assert converted.keys() == export.keys() and all(torch.equal(converted[k], export[k]) for k in export)
@@ -187,8 +187,8 @@ def test_a_training_checkpoint_is_a_model_reference(tiny_data, tmp_path):
 PERSISTENT_WORKERS_SCRIPT = """
 import gc, sys
 import torch
-from scan_zoo.config import build_config
-from scan_zoo.pipeline import run_training
+from scan_zoo.train.config import build_config
+from scan_zoo.experiments.pipeline import run_training
 data, out = sys.argv[1:]
 for i in range(2):
     run_training(build_config({"method": "moco", "data": data, "output_dir": f"{out}/r{i}", "max_steps": 2,

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BIN, PYTHON, ROOT, make_image_folder, run_cli
-from scan_zoo import data as data_lib
-from scan_zoo import evaluation, probe
-from scan_zoo.errors import UserError
-from scan_zoo.models import create_backbone, data_config_for, export_backbone, load_backbone
+
+from scan_zoo.common.errors import UserError
+from scan_zoo.data import datasets as data_lib
+from scan_zoo.eval import probe
+from scan_zoo.models import features as features_lib
+from scan_zoo.models.backbones import create_backbone, data_config_for, export_backbone
+from scan_zoo.models.loading import load_backbone
 
 SIZE = 16
 
@@ -96,13 +98,13 @@ def test_check_compares_bits_so_nan_weights_do_not_look_changed():
 # --------------------------------------------------------------------------------------- feature cache
 def test_cached_protocol_reuses_its_cache_and_invalidates_it(model_dir, tiny_data, tmp_path, monkeypatch):
     calls = []
-    original = evaluation.extract_features
+    original = features_lib.extract_features
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("desc"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "extract_features", counting)
+    monkeypatch.setattr(features_lib, "extract_features", counting)
     backbone, _ = load_backbone(str(model_dir))
     train, val = probe.load_splits(tiny_data)
     cfg = quick("cached", tmp_path, epochs=3)

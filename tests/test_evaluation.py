@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from scan_zoo.evaluation import knn_classify, topk_accuracy
+from scan_zoo.core.metrics import knn_classify, topk_accuracy
 
 
 def naive_knn(train, labels, test, num_classes, k, t):

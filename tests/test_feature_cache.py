@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PYTHON, run_cli
-from scan_zoo import data as data_lib
-from scan_zoo.models import create_backbone, data_config_for, export_backbone
+
+from scan_zoo.data import datasets as data_lib
+from scan_zoo.models.backbones import create_backbone, data_config_for, export_backbone
 
 SIZE = 16
 
@@ -67,8 +67,8 @@ def test_changed_cache_bytes_are_recomputed_not_used(model_dir, tiny_data, tmp_p
 
 def test_a_cache_file_recording_other_inputs_is_not_a_hit(model_dir, tiny_data, tmp_path):
     """A valid cache of other data copied under this key's name: its recorded key inputs give it away."""
-    from scan_zoo import probe
-    from scan_zoo.models import load_backbone
+    from scan_zoo.eval import probe
+    from scan_zoo.models.loading import load_backbone
 
     backbone, _ = load_backbone(str(model_dir))
     train, val = probe.load_splits(tiny_data)

@@ -14,13 +14,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from scan_zoo import cli, registry
-from scan_zoo.errors import UserError
-from scan_zoo.hub import export
-
 from conftest import BIN, make_image_folder, run_cli
 from hubservers import LOOPBACK, HubWriteStandIn, client_env, free_port, run_client
+
+from scan_zoo import cli
+from scan_zoo.common.errors import UserError
+from scan_zoo.zoo import registry
+from scan_zoo.zoo.hub import export
 
 TOKEN = "hf_hostile_test_token_0123456789abcdef"
 GOOD_REV = "0123456789abcdef0123456789abcdef01234567"
@@ -131,7 +131,11 @@ class FailingHub(HubWriteStandIn):
 
 @pytest.fixture
 def digits_export(tmp_path):
-    from scan_zoo.models import create_backbone, data_config_for, export_backbone
+    from scan_zoo.models.backbones import (
+        create_backbone,
+        data_config_for,
+        export_backbone,
+    )
 
     run = tmp_path / "run"
     export_backbone(create_backbone("test_resnet"), run, data_config_for(32, 32, registry.IMAGENET_MEAN,

@@ -5,15 +5,11 @@ Nothing here can reach the internet; a request that escaped the loopback servers
 """
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from hubservers import HubWriteStandIn, OlahServer, http_request, run_client
+from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, PYTHON, ROOT, make_image_folder
-from scan_zoo.config import build_config
-from scan_zoo.data import NeighborBatchSampler, image_folder
-from scan_zoo.engine import PAUSE_ENV, checkpoint_problem
-from scan_zoo.pipeline import run_training
+
+from scan_zoo.data.datasets import NeighborBatchSampler, image_folder
+from scan_zoo.experiments.pipeline import run_training
+from scan_zoo.train.config import build_config
+from scan_zoo.train.trainer import PAUSE_ENV, checkpoint_problem
 
 ARGS = ["--method", "moco", "--model", "test_resnet", "--image-size", "16", "--eval-resize", "16",
         "--batch-size", "8", "--queue-size", "16", "--epochs", "1000", "--log-every-steps", "1", "--seed", "1"]
@@ -122,7 +122,7 @@ def test_a_second_ctrl_c_stops_at_once_naming_the_previous_checkpoint(tmp_path, 
 
 
 def test_stop_request_flags_the_first_sigint_and_aborts_on_the_second():
-    from scan_zoo.interrupt import Interrupted, StopRequest
+    from scan_zoo.train.interrupt import Interrupted, StopRequest
 
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with StopRequest(lambda: Interrupted(7, "ckpt"), notice=False) as stop:
@@ -138,7 +138,7 @@ def test_stop_request_flags_the_first_sigint_and_aborts_on_the_second():
 
 def test_sigterm_alone_still_ends_the_process_at_once():
     code = ("import os, signal, time\n"
-            "from scan_zoo.interrupt import Interrupted, StopRequest\n"
+            "from scan_zoo.train.interrupt import Interrupted, StopRequest\n"
             "with StopRequest(lambda: Interrupted(1, 'x')):\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    time.sleep(30)\n"
@@ -161,8 +161,7 @@ def test_ctrl_c_during_export_is_one_line(tmp_path, monkeypatch, capsys):
     """After the last step (the final checkpoint is written): exporting is interrupted, resume finishes it."""
     sys.path.insert(0, str(ROOT))
     import train
-
-    from scan_zoo.engine import Trainer
+    from scan_zoo.train.trainer import Trainer
 
     def export(self):
         raise KeyboardInterrupt
@@ -245,8 +244,8 @@ def test_two_processes_skip_and_stop_at_the_same_step(tmp_path):
 
 def test_both_collate_functions_turn_an_unreadable_batch_into_an_empty_one():
     """--decode cpu and --decode device alike: no images, the reasons kept, an empty ``index`` (a skipped step)."""
-    from scan_zoo.data import collate_views
-    from scan_zoo.device_data import collate_encoded
+    from scan_zoo.data.datasets import collate_views
+    from scan_zoo.data.device import collate_encoded
 
     for batch in (collate_views([(None, 0, 3, 3, "a.png: broken"), (None, 1, 4, 4, "b.png: broken")]),
                   collate_encoded([(None, 0, 3, 3, None, "a.png", "a.png: broken")])):
@@ -256,8 +255,7 @@ def test_both_collate_functions_turn_an_unreadable_batch_into_an_empty_one():
 
 def test_ctrl_c_in_eval_linear_is_one_line_and_writes_no_results(tmp_path, monkeypatch, capsys):
     import eval_linear
-    from scan_zoo import probe
-
+    from scan_zoo.eval import probe
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scan_zoo.losses import contrast_masks, masked_info_nce, moco_info_nce
+from scan_zoo.core.losses import contrast_masks, masked_info_nce, moco_info_nce
 
 
 def naive_masked_info_nce(logits, pos, neg, denominator="all"):

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from scan_zoo.methods import MoCo, SCAN, SupCon
+from scan_zoo.methods import SCAN, MoCo, SupCon
 from scan_zoo.methods.blocks import LabeledQueue, update_momentum
 
 
@@ -165,7 +165,7 @@ def test_methods_fit_backbones_whose_pooled_width_is_not_num_features():
     from types import SimpleNamespace
 
     from scan_zoo.methods import build_method
-    from scan_zoo.models import create_backbone, pooled_dim
+    from scan_zoo.models.backbones import create_backbone, pooled_dim
 
     backbone = create_backbone("mobilenetv3_small_050")
     assert pooled_dim(backbone) != backbone.num_features

@@ -2,13 +2,13 @@
 import timm
 import torch
 
-from scan_zoo.mining import mine_dataset
-from scan_zoo.models import data_config_for, export_backbone
-from scan_zoo.neighbors import load_neighbors
+from scan_zoo.data.neighbor_table import load_neighbors
+from scan_zoo.models.backbones import data_config_for, export_backbone
+from scan_zoo.train.mining import mine_dataset
 
 
 def test_features_mined_from_a_file_give_the_in_memory_table(tmp_path, tiny_data, monkeypatch):
-    import scan_zoo.mining as mining
+    import scan_zoo.train.mining as mining
 
     calls = []
     extract_to_file = mining.extract_to_file
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-import scan_zoo.mining as mining
+import scan_zoo.train.mining as mining
 
 calls = []
 extract_to_file = mining.extract_to_file

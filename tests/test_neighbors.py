@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scan_zoo.errors import UserError
-from scan_zoo.neighbors import load_neighbors, mine_neighbors, save_neighbors
+from scan_zoo.common.errors import UserError
+from scan_zoo.core.neighbors import mine_neighbors
+from scan_zoo.data.neighbor_table import load_neighbors, save_neighbors
 
 
 def brute_force(features, labels, k):
@@ -116,7 +117,7 @@ def test_a_memory_mapped_file_gives_the_table_of_the_tensor(tmp_path, dtype, ord
 def test_top_k_equals_the_stable_sort_it_replaces(seed):
     """``_top_k`` against the reference it replaced: a stable descending sort cut at kk, on rows full of
     exact ties (small integers), ties across the cut included."""
-    from scan_zoo.neighbors import _top_k
+    from scan_zoo.core.neighbors import _top_k
 
     g = torch.Generator().manual_seed(seed)
     cols = int(torch.randint(2, 40, (1,), generator=g))

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scan_zoo.losses import contrast_masks, masked_info_nce, moco_info_nce
+from scan_zoo.core.losses import contrast_masks, masked_info_nce, moco_info_nce
+from scan_zoo.core.neighbors import mine_neighbors
 from scan_zoo.methods.moco import MoCo
 from scan_zoo.methods.scan import SCAN
-from scan_zoo.neighbors import mine_neighbors
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

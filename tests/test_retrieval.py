@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_image_folder
 from PIL import Image
 
-from conftest import make_image_folder
-from scan_zoo import retrieval as R
+from scan_zoo.eval import retrieval as R
 
 
 def naive_topk(queries, gallery, k, exclude=None):
@@ -84,8 +84,12 @@ def test_choose_queries_deterministic_and_spread():
 
 
 def _export_random(out: Path, seed: int) -> Path:
-    from scan_zoo.data import IMAGENET_MEAN, IMAGENET_STD
-    from scan_zoo.models import create_backbone, data_config_for, export_backbone
+    from scan_zoo.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from scan_zoo.models.backbones import (
+        create_backbone,
+        data_config_for,
+        export_backbone,
+    )
 
     torch.manual_seed(seed)
     model = create_backbone("test_resnet")
@@ -147,7 +151,7 @@ def test_run_retrieval_writes_figure_and_json(tmp_path, two_models):
     assert sum(colours.values()) == 2 * queries * k
 
     # precision over all val images, from an independent feature extraction and a naive top-k
-    from scan_zoo.probe import load_splits
+    from scan_zoo.eval.probe import load_splits
 
     train, val = load_splits(data)
     feats = R.model_features(str(models[0]), train, val, str(data), num_workers=0, progress=False)

@@ -1,18 +1,17 @@
 """The weights shipped inside the package: present, verified, documented, loadable offline and via torch.hub."""
 import json
 import shutil
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from scan_zoo import probe, registry
-from scan_zoo.cards import headline
-from scan_zoo.hub import sha256_file
-
 from conftest import ROOT
 from hubservers import run_client
+from safetensors.torch import load_file
+
+from scan_zoo.common.files import sha256_file
+from scan_zoo.eval import probe
+from scan_zoo.zoo import registry
+from scan_zoo.zoo.cards import headline
 
 SHIPPED = [e for e in registry.ENTRIES if e.shipped]
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BIN, ROOT, make_image_folder
 from safetensors.torch import load_file
+from test_crash import sigkill
 from torchvision.datasets import ImageFolder
 
-from conftest import BIN, ROOT, make_image_folder
-from test_crash import sigkill
-from scan_zoo.data import NeighborBatchSampler
-from scan_zoo.engine import PAUSE_ENV, list_checkpoints
+from scan_zoo.data.datasets import NeighborBatchSampler
+from scan_zoo.train.trainer import PAUSE_ENV, list_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ SAVE_EVERY = 25  # (and no checkpoint at epoch ends)
 WRAPPER = f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
-from scan_zoo import distributed as D
+from scan_zoo.common import distributed as D
 from scan_zoo.methods.contrast import MomentumContrast
 
 BAD = {{int(s) for s in os.environ["SOAK_NAN_STEPS"].split(",")}}

@@ -1,4 +1,4 @@
-"""The transfer suite (scan_zoo.transfer) and its benchmark (scan_zoo.bench): metrics against hand-computed
+"""The transfer suite (scan_zoo.eval.transfer) and its benchmark (scan_zoo.experiments.bench): metrics against hand-computed
 cases, the features_only weights, the suite on a random backbone, the bench end to end, the README text."""
 import argparse
 import json
@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from scan_zoo import bench as B
-from scan_zoo import bench_runs as R
-from scan_zoo import charts as C
-from scan_zoo import k_ablation as KA
-from scan_zoo import results_page as P
-from scan_zoo import transfer as T
-from scan_zoo.errors import UserError
+from scan_zoo.common.errors import UserError
+from scan_zoo.eval import transfer as T
+from scan_zoo.experiments import bench as B
+from scan_zoo.experiments import bench_runs as R
+from scan_zoo.experiments import charts as C
+from scan_zoo.experiments import k_ablation as KA
+from scan_zoo.experiments import results_page as P
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -82,7 +82,7 @@ def test_ridge_select_prefers_small_lambda_on_clean_linear_data():
 
 # -------------------------------------------------------------------------------------- features_only
 def test_features_only_weights_equal_the_backbone():
-    from scan_zoo.models import create_backbone
+    from scan_zoo.models.backbones import create_backbone
 
     torch.manual_seed(0)
     backbone = create_backbone("test_resnet").eval()
@@ -115,8 +115,12 @@ def test_feature_state_dict_maps_getter_prefix_and_refuses_unknown_keys():
 # ------------------------------------------------------------------------------------------- the suite
 @pytest.fixture(scope="module")
 def random_export(tmp_path_factory):
-    from scan_zoo.data import IMAGENET_MEAN, IMAGENET_STD
-    from scan_zoo.models import create_backbone, data_config_for, export_backbone
+    from scan_zoo.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from scan_zoo.models.backbones import (
+        create_backbone,
+        data_config_for,
+        export_backbone,
+    )
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("random_test_resnet")
@@ -142,8 +146,8 @@ def test_transfer_scores_on_a_random_backbone(random_export, digits_root, tmp_pa
 
 
 def test_digit_targets_follow_the_image_folder(digits_root):
-    from scan_zoo.digits import load_metadata
-    from scan_zoo.probe import load_splits
+    from scan_zoo.data.digits import load_metadata
+    from scan_zoo.eval.probe import load_splits
 
     train, val = load_splits(digits_root)
     t = T.digit_targets(digits_root, val, 32)
@@ -175,7 +179,7 @@ def test_bench_parser_defaults():
 
 
 def test_bench_recipes_exist_and_load():
-    from scan_zoo.config import build_config, load_yaml
+    from scan_zoo.train.config import build_config, load_yaml
 
     for m in R.METHODS:
         cfg = build_config(load_yaml(R.recipe_file("configs", m)))

@@ -14,11 +14,11 @@ import zipfile
 
 import pytest
 import torch
+from conftest import BIN, PYTHON, ROOT, make_image_folder, run_cli
 from safetensors.torch import save_file
 
-from conftest import BIN, PYTHON, ROOT, make_image_folder, run_cli
 from scan_zoo.cli import main as scan_zoo_main
-from scan_zoo.errors import UserError
+from scan_zoo.common.errors import UserError
 
 
 def _eval_linear_main(argv):
@@ -54,7 +54,11 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def good_model(tmp_path_factory):
     """An export of a random-init test_resnet: model.safetensors + config.json, as a run leaves them."""
-    from scan_zoo.models import create_backbone, data_config_for, export_backbone
+    from scan_zoo.models.backbones import (
+        create_backbone,
+        data_config_for,
+        export_backbone,
+    )
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("good") / "model"
@@ -153,7 +157,7 @@ def test_corrupt_weights_through_the_real_scripts(good_model, data, tmp_path):
 
 # --------------------------------------------------------------------------------------------- .pth
 def _moco_state(int64: bool = False) -> dict:
-    from scan_zoo.models import create_backbone
+    from scan_zoo.models.backbones import create_backbone
 
     state = {f"module.encoder_q.{k}": v for k, v in create_backbone("test_resnet").state_dict().items()}
     return {k: (v.round().long() if int64 else v) for k, v in state.items()}
@@ -173,8 +177,7 @@ def zip_bomb(tmp_path):
 
 
 def test_a_pth_that_inflates_is_refused_before_it_is_loaded(zip_bomb, monkeypatch):
-    from scan_zoo import readers
-
+    from scan_zoo.common import readers
     def never(*a, **k):
         raise AssertionError("torch.load was called on the zip bomb")
 
@@ -191,7 +194,7 @@ def test_a_pth_that_inflates_is_one_line_in_convert(zip_bomb, tmp_path):
 
 
 def test_a_pth_as_torch_save_writes_it_is_read(tmp_path):
-    from scan_zoo.readers import read_pth
+    from scan_zoo.common.readers import read_pth
 
     torch.save({"state_dict": _moco_state()}, tmp_path / "ok.pth")
     assert set(read_pth(tmp_path / "ok.pth")["state_dict"]) == set(_moco_state())
@@ -218,8 +221,9 @@ def test_hostile_pth_is_one_line_in_convert(kind, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def table(data, tmp_path_factory):
     """A genuine K=2 table of the data set (as `scan-zoo mine` writes it) and the train split's labels."""
-    from scan_zoo import data as data_lib
-    from scan_zoo.neighbors import dataset_provenance, mine_neighbors
+    from scan_zoo.core.neighbors import mine_neighbors
+    from scan_zoo.data import datasets as data_lib
+    from scan_zoo.data.neighbor_table import dataset_provenance
 
     base = data_lib.image_folder(data, "train")
     labels = torch.as_tensor(base.targets)
@@ -251,7 +255,7 @@ TABLE_NEEDLES = {"out-of-range": "outside 0..47", "negative": "outside 0..47", "
 
 @pytest.mark.parametrize("kind", sorted(TABLE_NEEDLES))
 def test_a_hostile_neighbour_table_is_refused_on_load(kind, table, tmp_path):
-    from scan_zoo.neighbors import load_neighbors, save_neighbors
+    from scan_zoo.data.neighbor_table import load_neighbors, save_neighbors
 
     idx, sims = _hostile_table(kind, table)
     path = save_neighbors(tmp_path / "nb.safetensors", idx, sims, table[2])
@@ -261,7 +265,7 @@ def test_a_hostile_neighbour_table_is_refused_on_load(kind, table, tmp_path):
 
 
 def test_the_genuine_table_loads(table, tmp_path):
-    from scan_zoo.neighbors import load_neighbors, save_neighbors
+    from scan_zoo.data.neighbor_table import load_neighbors, save_neighbors
 
     path = save_neighbors(tmp_path / "nb.safetensors", table[0], table[1], table[2])
     assert torch.equal(load_neighbors(path, labels=table[3])[0], table[0])
@@ -269,7 +273,7 @@ def test_the_genuine_table_loads(table, tmp_path):
 
 @pytest.mark.parametrize("kind", ["out-of-range", "cross-class"])
 def test_train_refuses_a_hostile_table_before_training(kind, table, data, tmp_path, capsys):
-    from scan_zoo.neighbors import save_neighbors
+    from scan_zoo.data.neighbor_table import save_neighbors
 
     idx, sims = _hostile_table(kind, table)
     path = save_neighbors(tmp_path / "nb.safetensors", idx, sims, table[2])
@@ -300,7 +304,11 @@ def test_mine_k_minus_one_is_refused_before_the_digits_are_rendered(tmp_path, ca
 # ------------------------------------------------------------------------------------ ViT image size
 @pytest.fixture(scope="module")
 def vit_model(tmp_path_factory):
-    from scan_zoo.models import create_backbone, data_config_for, export_backbone
+    from scan_zoo.models.backbones import (
+        create_backbone,
+        data_config_for,
+        export_backbone,
+    )
 
     out = tmp_path_factory.mktemp("vit") / "vit"
     export_backbone(create_backbone("vit_tiny_patch16_224"), out, data_config_for(224, None, (0.5,) * 3, (0.5,) * 3),
@@ -323,7 +331,7 @@ def test_a_vit_at_an_image_size_it_cannot_take_is_one_line(vit_model, data, tmp_
 
 
 def test_a_vit_at_its_own_size_passes_the_check():
-    from scan_zoo.models import check_input_size, create_backbone
+    from scan_zoo.models.backbones import check_input_size, create_backbone
 
     check_input_size(create_backbone("vit_tiny_patch16_224"), 224, "vit")
     dynamic = create_backbone("vit_tiny_patch16_224", dynamic_img_size=True)
@@ -335,7 +343,11 @@ def test_a_vit_at_its_own_size_passes_the_check():
 
 # ---------------------------------------------------------------------------------------- the readers
 def test_readers_name_the_file_and_the_problem(tmp_path):
-    from scan_zoo.readers import read_json_object, read_safetensors, read_yaml_mapping
+    from scan_zoo.common.readers import (
+        read_json_object,
+        read_safetensors,
+        read_yaml_mapping,
+    )
 
     (tmp_path / "a.yaml").write_text("just a string\n")
     with pytest.raises(UserError, match="a.yaml holds a YAML str, not a mapping"):

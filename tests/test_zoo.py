@@ -5,14 +5,20 @@ import time
 import pytest
 import timm
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file, save_file
 
 import scan_zoo
-from scan_zoo import registry, timm_bridge
-from scan_zoo.errors import UserError
-from scan_zoo.hub import check_filename, check_repo_id, export, load_verified, sha256_file, verify_export
-
-from conftest import ROOT
+from scan_zoo.common.errors import UserError
+from scan_zoo.common.files import sha256_file
+from scan_zoo.zoo import registry, timm_bridge
+from scan_zoo.zoo.hub import (
+    check_filename,
+    check_repo_id,
+    export,
+    load_verified,
+    verify_export,
+)
 
 ARCH_DEFAULT_MEAN = {e.arch: timm.models.get_pretrained_cfg(e.arch).mean for e in registry.ENTRIES}
 
@@ -108,7 +114,11 @@ def test_good_ids_and_names_pass():
 
 def _fake_run(tmp_path, arch="test_resnet", method="scan", seed=0):
     """A run directory as train.py leaves it: model.safetensors (plain timm keys) + config.json."""
-    from scan_zoo.models import create_backbone, data_config_for, export_backbone
+    from scan_zoo.models.backbones import (
+        create_backbone,
+        data_config_for,
+        export_backbone,
+    )
 
     torch.manual_seed(seed)
     model = create_backbone(arch)
@@ -179,8 +189,7 @@ def test_shipped_weights_load_verified_and_a_tampered_copy_is_refused(tmp_path, 
 
 def test_a_file_changed_after_a_remembered_check_is_hashed_again(tmp_path, monkeypatch):
     """The per-process memory of checked files: same size, new content -> hashed again and refused."""
-    from scan_zoo import hub
-
+    from scan_zoo.zoo import hub
     monkeypatch.setattr(hub, "_VERIFIED", {})
     monkeypatch.setattr(hub, "VERIFIED_MIN_AGE_S", 0.05)
     hashed = []
@@ -228,10 +237,10 @@ def test_scan_zoo_list_shows_every_entry(capsys):
 
 
 def test_readme_zoo_table_is_generated_from_the_registry():
-    from scan_zoo.cards import update_readme
+    from scan_zoo.experiments.results_page import update_readme
 
     text = (ROOT / "README.md").read_text()
-    assert update_readme(text) == text, "README's zoo table is stale: run `scan-zoo readme`"
+    assert update_readme(text, ROOT) == text, "README's zoo table is stale: run `scan-zoo readme`"
     for name in registry.list_models():
         assert f"`{name}`" in text
 
@@ -242,8 +251,7 @@ def test_public_api():
 
 
 def test_a_small_file_is_read_once_and_its_checked_bytes_are_the_ones_loaded(tmp_path, monkeypatch, lock):
-    from scan_zoo import hub
-
+    from scan_zoo.zoo import hub
     run, model = _fake_run(tmp_path)
     monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path / "weights")
     monkeypatch.setattr(hub, "_VERIFIED", {})

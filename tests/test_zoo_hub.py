@@ -2,18 +2,16 @@
 mirror), plain timm `hf-hub:` loading, and `scan-zoo publish` (against HubWriteStandIn, a stand-in for the
 Hub's write endpoints: olah has none)."""
 import json
-import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from scan_zoo import registry
-from scan_zoo.errors import UserError
-from scan_zoo.hub import export, publish, sha256_file
-
-from conftest import BIN, ROOT, run_cli
+from conftest import BIN, run_cli
 from hubservers import HubWriteStandIn, OlahServer, run_client
+
+from scan_zoo.common.errors import UserError
+from scan_zoo.common.files import sha256_file
+from scan_zoo.zoo import registry
+from scan_zoo.zoo.hub import export, publish
 
 REPO = "scan-zoo/resnet50.scan_in1k"
 
@@ -31,7 +29,11 @@ LOAD_AND_COMPARE = """
 
 
 def _export_run(tmp_path, arch, method, name, seed):
-    from scan_zoo.models import create_backbone, data_config_for, export_backbone
+    from scan_zoo.models.backbones import (
+        create_backbone,
+        data_config_for,
+        export_backbone,
+    )
 
     torch.manual_seed(seed)
     run = tmp_path / f"run{seed}"
@@ -104,7 +106,11 @@ TOKEN = "hf_test_token_do_not_print_0123456789"
 
 @pytest.fixture
 def digits_export(tmp_path):
-    from scan_zoo.models import create_backbone, data_config_for, export_backbone
+    from scan_zoo.models.backbones import (
+        create_backbone,
+        data_config_for,
+        export_backbone,
+    )
 
     run = tmp_path / "run"
     export_backbone(create_backbone("test_resnet"), run, data_config_for(32, 32, registry.IMAGENET_MEAN,

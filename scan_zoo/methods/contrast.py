@@ -1,17 +1,23 @@
 """The machinery MoCo, SupCon and SCAN share: query encoder, momentum key encoder, labelled queue.
 
 A subclass only says which keys are positives and which are negatives (:meth:`masks`); the loss is
-always :func:`scan_zoo.losses.masked_info_nce` over ``[batch keys of every process] ++ [queue]``.
+always :func:`scan_zoo.core.losses.masked_info_nce` over ``[batch keys of every process] ++ [queue]``.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .. import distributed as D
-from ..losses import masked_info_nce
-from ..models import pooled_dim
-from .blocks import Encoder, LabeledQueue, ProjectionHead, momentum_copy, update_momentum
+from scan_zoo.common import distributed as D
+from scan_zoo.core.losses import masked_info_nce
+from scan_zoo.methods.blocks import (
+    Encoder,
+    LabeledQueue,
+    ProjectionHead,
+    momentum_copy,
+    update_momentum,
+)
+from scan_zoo.models.backbones import pooled_dim
 
 
 class MomentumContrast(nn.Module):

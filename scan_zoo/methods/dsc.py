@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed as D
-from ..dense import (
+from scan_zoo.common import distributed as D
+from scan_zoo.common.errors import UserError
+from scan_zoo.core.dense import (
     dense_correspondence,
     dense_info_nce,
     pixel_supcon,
@@ -23,10 +24,14 @@ from ..dense import (
     spherical_kmeans,
     swapped_prediction,
 )
-from ..errors import UserError
-from ..models import pooled_dim
-from .blocks import DenseProjectionHead, LabeledQueue, ProjectionHead, update_momentum
-from .moco import MoCo
+from scan_zoo.methods.blocks import (
+    DenseProjectionHead,
+    LabeledQueue,
+    ProjectionHead,
+    update_momentum,
+)
+from scan_zoo.methods.moco import MoCo
+from scan_zoo.models.backbones import pooled_dim
 
 MIN_AUTO_GRID = 4  # the automatic feature layer is the deepest map at least this many pixels on a side
 
@@ -109,7 +114,7 @@ class DSC(MoCo):
        pixel (its positive in 2.), so every label comes from the key encoder. ``pixel_samples`` query pixels
        per process (drawn with a seeded generator) are the anchors; the keys are their corresponding key
        pixels from every process, so each anchor has at least one positive; the loss is supervised
-       contrastive (:func:`~scan_zoo.dense.pixel_supcon`): keys of the anchor's category are positives,
+       contrastive (:func:`~scan_zoo.core.dense.pixel_supcon`): keys of the anchor's category are positives,
        all others negatives. Choice: DSC-PM trains its prototypes with SwAV's swapped prediction (the query
        pixel's softmax over prototypes predicts its key pixel's codes), weighted like ``L_cat``.
     Choices: one temperature (``temperature``) for every softmax; the same dense embedding for the pixel

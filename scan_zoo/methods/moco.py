@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .contrast import MomentumContrast
+from scan_zoo.methods.contrast import MomentumContrast
 
 
 class MoCo(MomentumContrast):

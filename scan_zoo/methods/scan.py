@@ -2,13 +2,13 @@
 (Van Gansbeke et al. 2020).
 
 Stage 2: MoCo-v2 training in which each image's positives are its K nearest same-class neighbours
-(mined in stage 1, :mod:`scan_zoo.neighbors`). The sampler puts every anchor's neighbours in its batch
+(mined in stage 1, :mod:`scan_zoo.core.neighbors`). The sampler puts every anchor's neighbours in its batch
 and gives anchor and neighbours one pseudo-label y*; the loss is paper Eq. 5-6.
 """
 from __future__ import annotations
 
-from ..losses import contrast_masks
-from .contrast import MomentumContrast
+from scan_zoo.core.losses import contrast_masks
+from scan_zoo.methods.contrast import MomentumContrast
 
 
 class SCAN(MomentumContrast):

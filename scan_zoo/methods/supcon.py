@@ -1,7 +1,7 @@
 """Supervised contrastive learning (Khosla et al. 2020, L_out) with MoCo's key encoder and a labelled queue."""
 from __future__ import annotations
 
-from .contrast import MomentumContrast
+from scan_zoo.methods.contrast import MomentumContrast
 
 
 class SupCon(MomentumContrast):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import pooled_dim
+from scan_zoo.models.backbones import pooled_dim
 
 
 class Supervised(nn.Module):

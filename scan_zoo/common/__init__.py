@@ -1,0 +1,1 @@
+"""Shared helpers with no scan_zoo dependencies: errors, hashing and atomic files, distributed glue, readers of untrusted files."""

@@ -1,0 +1,1 @@
+"""Evaluation: the linear probe and its cache, the transfer suite, retrieval."""

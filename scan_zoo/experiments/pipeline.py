@@ -1,0 +1,109 @@
+"""Running methods: one training run, or the paper's whole pipeline (MoCo-v2 -> mining -> SCAN -> kNN)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from scan_zoo.common.errors import UserError
+from scan_zoo.common.paths import RECIPES_DIR
+from scan_zoo.core.metrics import knn_classify, topk_accuracy
+from scan_zoo.data import datasets as data_lib
+from scan_zoo.eval.probe import load_splits
+from scan_zoo.models.features import extract_features
+from scan_zoo.models.loading import load_backbone
+from scan_zoo.train import run_lock
+from scan_zoo.train.config import TrainConfig, build_config, load_yaml
+from scan_zoo.train.mining import neighbors_for
+from scan_zoo.train.trainer import Trainer, make_accelerator
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train one method (stage 1 mining included for SCAN when only an appearance model is named).
+
+    The run directory is locked first (:mod:`scan_zoo.train.run_lock`): a second run into it stops before any work."""
+    acc = make_accelerator(Path(cfg.output_dir))
+    with run_lock.hold(Path(cfg.output_dir), acc):
+        return _run_training(cfg, acc)
+
+
+def _run_training(cfg: TrainConfig, acc) -> dict:
+    neighbors = None
+    if cfg.method == "scan":
+        if cfg.init_from is None and cfg.appearance_model is None:
+            raise UserError("--method scan starts from a label-free model: pass --init-from MODEL "
+                            "(or --init-from none for random weights, which is not the paper's method)")
+        if cfg.init_from is None:
+            cfg = dataclasses.replace(cfg, init_from=cfg.appearance_model)
+        if cfg.init_from == "none":
+            cfg = dataclasses.replace(cfg, init_from=None)
+        with acc.main_process_first():
+            root = data_lib.resolve_data_root(cfg.data, cfg.data_cache, progress=acc.is_main_process)
+        neighbors = neighbors_for(cfg, root, Path(cfg.output_dir), acc)
+    return Trainer(cfg, acc, neighbors).fit()
+
+
+def stage_recipe(stage: str) -> dict:
+    path = RECIPES_DIR / f"digits_{stage}.yaml"
+    if not path.is_file():
+        raise UserError(f"the pipeline's recipe {path} is missing: run train.py from a scan_zoo checkout")
+    return load_yaml(path)
+
+
+def knn_evaluate(weights_dir: Path, cfg: TrainConfig, device: torch.device | str = "cpu") -> dict:
+    """kNN top-1/top-5 on the val split, the train split as the memory bank, for exported weights."""
+    root = data_lib.resolve_data_root(cfg.data, cfg.data_cache, progress=False)
+    train, val = load_splits(root)  # the same classes in both, or a clear error
+    backbone, _ = load_backbone(str(weights_dir), arch=cfg.model)
+    backbone = backbone.to(device)
+    tf = data_lib.eval_transform(cfg.image_size, cfg.eval_resize)
+    f_train, y_train = extract_features(backbone, data_lib.EvalImages(train, tf), num_workers=cfg.num_workers,
+                                        device=device, desc="kNN bank")
+    f_val, y_val = extract_features(backbone, data_lib.EvalImages(val, tf), num_workers=cfg.num_workers,
+                                    device=device, desc="kNN queries")
+    scores = knn_classify(f_train, y_train, f_val, len(train.classes), cfg.knn_k, cfg.knn_temperature)
+    return topk_accuracy(scores, y_val)
+
+
+def run_pipeline(layers: list[dict]) -> dict:
+    """MoCo-v2 stage, neighbour mining, SCAN stage initialised from MoCo, kNN of both.
+
+    ``layers`` are the user's config layers (recipe file, command line); each stage applies them over
+    its own recipe (``configs/digits_<stage>.yaml``). Stage directories: ``<output_dir>/<stage>``.
+    """
+    user = {}
+    for layer in layers:
+        user.update(layer)
+    user.pop("method", None)
+    out = Path(user.get("output_dir", TrainConfig.output_dir))
+    results = {}
+    moco_cfg = build_config(stage_recipe("moco"), user, {"method": "moco", "output_dir": str(out / "moco")})
+    results["moco"] = run_training(moco_cfg)
+    moco_dir = Path(results["moco"]["run_dir"])
+    if not results["moco"]["finished"]:
+        return results
+    scan_cfg = build_config(stage_recipe("scan"), user,
+                            {"method": "scan", "output_dir": str(out / "scan"), "appearance_model": str(moco_dir),
+                             "init_from": str(moco_dir)})
+    results["scan"] = run_training(scan_cfg)
+    if not results["scan"]["finished"]:
+        return results
+    from accelerate import PartialState
+
+    device = PartialState().device
+    for stage, cfg in (("moco", moco_cfg), ("scan", scan_cfg)):
+        results[stage]["knn"] = knn_evaluate(Path(results[stage]["run_dir"]), cfg, device)
+    return results
+
+
+def format_knn_table(results: dict, k: int = 20) -> str:
+    rows = [("method", "backbone", "steps", f"kNN top-1 (k={k})", "kNN top-5", "weights")]
+    for stage, r in results.items():
+        if "knn" in r:
+            rows.append((stage, r["model"], str(r["steps"]), f"{r['knn']['top1']:.2f}", f"{r['knn']['top5']:.2f}",
+                         r["weights"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Backbones: building, strict loading, converters and one feature-extraction loop."""

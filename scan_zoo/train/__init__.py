@@ -1,0 +1,1 @@
+"""Training: the config, checkpoints and the training loop, the neighbour-mining driver."""

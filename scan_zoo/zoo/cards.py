@@ -1,0 +1,149 @@
+"""Generated text: model cards and the README's zoo table, from the registry and the evaluation results.
+
+Nothing here is typed by hand: a number shown is either read from ``eval_results.json`` (measured by
+``eval_linear.py``, with its protocol) or from an entry's ``reported`` field (a paper's number, labelled so).
+"""
+from __future__ import annotations
+
+from scan_zoo.zoo.registry import ENTRIES, METHOD_NAMES, ZooEntry
+
+WHICH_SCAN = ("scan_zoo's SCAN is **Supervised Contrastive Adjustment in Neighborhood** (Wei et al., 2020): MoCo-v2 "
+              "contrastive pretraining in which each image's positives are the images of its own class that are "
+              "also among its K nearest neighbours in a label-free feature space. It is **not** \"SCAN: Learning "
+              "to Classify Images without Labels\" (Van Gansbeke et al., 2020), the clustering method with the "
+              "same acronym.")
+
+
+
+def _protocol_text(p: dict) -> str:
+    """The settings a reader needs to reproduce a number: schedule, then the train and val transforms."""
+    keys = ("name", "epochs", "lr", "batch_size", "milestones")
+    text = [f"{k} {p[k]}" for k in keys if k in p]
+    text += [f"{label}: {p[k]}" for label, k in (("train", "train_transform"), ("val", "eval_transform")) if k in p]
+    return ", ".join(text)
+
+
+def headline(results: dict) -> tuple[str, str]:
+    """(linear top-1 with its protocol, kNN top-1) as text, '-' where not measured."""
+    linear = "-"
+    for proto in ("moco", "cached"):
+        r = results.get(proto)
+        if r and "top1" in r:
+            linear = f"{r['top1']:.1f} ({proto})"
+            break
+    knn = "-"
+    for r in results.values():
+        if isinstance(r, dict) and isinstance(r.get("knn"), dict) and "top1" in r["knn"]:
+            knn = f"{r['knn']['top1']:.1f}"
+            break
+    return linear, knn
+
+
+def metrics_summary(entry: ZooEntry) -> str:
+    """One line for listings and docstrings: measured numbers, else the paper's, else 'not trained'."""
+    if entry.metrics:
+        linear, knn = headline(entry.metrics)
+        return f"linear top-1 {linear}, kNN top-1 {knn} on {entry.data.split(' (')[0]} val"
+    if entry.reported:
+        r = entry.reported
+        return f"linear top-1 {r['linear_top1']} reported by the paper (not reproduced here)"
+    return "no weights yet"
+
+
+def results_table(results: dict) -> str:
+    if not results:
+        return "Not evaluated yet: run `eval_linear.py` on this model to measure it.\n"
+    lines = ["| protocol | top-1 | top-5 | kNN top-1 (k=20, T=0.07) | data (train / val images) | settings |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if not isinstance(r, dict) or "top1" not in r:
+            continue
+        knn = r.get("knn", {})
+        lines.append(f"| {name} | {r['top1']:.2f} | {r.get('top5', float('nan')):.2f} | "
+                     f"{knn.get('top1', float('nan')):.2f} | {r.get('dataset', '?')} ({r.get('train_images', '?')} / "
+                     f"{r.get('val_images', '?')}) | {_protocol_text(r.get('protocol', {}))} |")
+    return "\n".join(lines) + "\n\nTop-1/top-5 are the last epoch's (never the best epoch's).\n"
+
+
+def model_card(entry: ZooEntry, results: dict, sha256: str, train: dict) -> str:
+    """The README.md of an exported / published model."""
+    title, arxiv, bibtex = entry.paper
+    repo = entry.facts.get("hf_hub_id") or entry.hf_hub_id or f"ORG/{entry.name}"
+    steps = f"{train.get('steps', '?')} steps ({train.get('epochs', '?')} epochs) on {train.get('num_train_images', '?')} images" \
+        if train else "see the recipe"
+    reported = ""
+    if entry.reported:
+        r = entry.reported
+        reported = (f"\nThe paper reports linear top-1 {r['linear_top1']} for this recipe ({r['source']}). "
+                    "That is the paper's number, not a measurement of these weights.\n")
+    return f"""---
+library_name: timm
+license: {entry.license}
+tags:
+- image-feature-extraction
+- timm
+- scan_zoo
+- {entry.method}
+---
+# {entry.name}
+
+A {entry.arch} backbone pretrained with **{METHOD_NAMES[entry.method]}** by
+scan_zoo{"" if entry.method == "scan" else " (this model is not SCAN: it is one of the methods SCAN is compared with)"}.
+Backbone only: pooled features, no classifier.
+
+{WHICH_SCAN}
+
+## Model details
+- **Architecture:** timm `{entry.arch}`, `num_classes=0` (`num_classes=N` adds a new classifier).
+- **Method:** {METHOD_NAMES[entry.method]} - {title} ({arxiv}).
+- **Training data:** {entry.data}.
+- **Training:** `{entry.recipe_command}`; {steps}.
+- **Preprocessing:** {entry.preprocess.image_size} px centre crop (crop_pct {entry.preprocess.crop_pct}),
+  {entry.preprocess.interpolation}, mean {tuple(entry.preprocess.mean)}, std {tuple(entry.preprocess.std)}.
+- **Weights:** `model.safetensors`, sha256 `{sha256}`.
+{('- **Notes:** ' + entry.notes) if entry.notes else ''}
+
+## Results
+{results_table(results)}{reported}
+## Usage
+```python
+import scan_zoo, timm   # importing scan_zoo registers the zoo's tags and verifies the weights' sha256
+model = timm.create_model("{entry.name}", pretrained=True).eval()
+# or, plain timm without scan_zoo:
+model = timm.create_model("hf-hub:{repo}", pretrained=True)
+cfg = timm.data.resolve_data_config({{}}, model=model)
+transform = timm.data.create_transform(**cfg)
+features = model(transform(image).unsqueeze(0))          # [1, num_features]
+# multi-scale feature maps for detection / segmentation:
+fmaps = timm.create_model("{entry.name}", pretrained=True, features_only=True)
+# torch.hub, from a scan_zoo checkout:
+model = torch.hub.load("path/to/scan_zoo", "create_model", "{entry.name}", source="local")
+```
+
+## Citation
+```bibtex
+{bibtex}
+```
+
+This card was generated by `scan-zoo export` from the zoo registry and `eval_results.json`.
+"""
+
+
+def zoo_table() -> str:
+    """The README's zoo table (between the zoo-table markers)."""
+    lines = ["| name | method | data | weights | linear top-1 (protocol) | kNN top-1 | recipe |",
+             "|---|---|---|---|---|---|---|"]
+    for e in ENTRIES:
+        if e.metrics:
+            linear, knn = headline(e.metrics)
+        elif e.reported:
+            linear, knn = f"{e.reported['linear_top1']} (paper)", "-"
+        else:
+            linear, knn = "-", "-"
+        where = {"shipped": "in the package", "published": f"Hub `{e.facts.get('hf_hub_id')}`",
+                 "recipe": "not yet trained"}[e.status]
+        data = e.data.split(" (")[0]
+        extra = "".join(f" `--{k.replace('_', '-')} {v}`" for k, v in e.overrides)
+        lines.append(f"| `{e.name}` | {METHOD_NAMES[e.method]} | {data} | {where} | {linear} | {knn} | "
+                     f"`{e.recipe}`{extra} |")
+    return "\n".join(lines)
