@@ -39,6 +39,10 @@ class Bound:
         raise NotImplementedError
 
 
+#: the largest float32: optimiser state is float32, so a larger hyper-parameter overflows on the first step
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 @dataclass(frozen=True)
 class Range(Bound):
     """``lo <= x <= hi`` (``<`` where open); ``None`` leaves that side unbounded."""
@@ -68,7 +72,7 @@ class Range(Bound):
 def _num(x: Optional[float]) -> str:
     if x is None:
         return ""
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 def Positive(note: str = "") -> Range:

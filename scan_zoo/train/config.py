@@ -16,6 +16,7 @@ import yaml
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.validation import (
+    FLOAT32_MAX,
     AtLeast,
     Choice,
     Positive,
@@ -46,7 +47,7 @@ class TrainConfig:
     epochs: Annotated[int, AtLeast(1)] = 20  # training epochs
     max_steps: Annotated[Optional[int], AtLeast(1)] = None  # cap on optimiser steps; also shortens the lr schedule
     batch_size: Annotated[int, AtLeast(2)] = 128  # images per process per step (SCAN: anchors x (K + 1))
-    lr: Annotated[float, Range(0, 1e4, lo_open=True)] = 0.06  # peak learning rate for the global batch given
+    lr: Annotated[float, Range(0, FLOAT32_MAX, lo_open=True)] = 0.06  # peak learning rate for the global batch given
     sgd_momentum: Annotated[float, Probability()] = 0.9  # SGD momentum
     weight_decay: Annotated[float, Range(0, 1)] = 1e-4  # SGD weight decay
     warmup_epochs: Annotated[float, AtLeast(0)] = 0.0  # linear warm-up before the cosine decay
