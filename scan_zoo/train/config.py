@@ -114,7 +114,7 @@ class TrainConfig:
         check_fields(self)
         dsc_weights = (self.dsc_weight_instance, self.dsc_weight_pixel, self.dsc_weight_category)
         if sum(dsc_weights) == 0:
-            raise UserError(f"DSC's loss weights (instance, pixel, category) must not all be 0, not {dsc_weights}")
+            raise UserError(f"DSC's loss weights (instance, pixel, category) must be >= 0 and not all 0, not {dsc_weights}")
         if self.k == -1 and self.method == "scan":
             raise UserError("k = -1 (all same-class images) is the supervised contrastive limit: use --method supcon")
         if self.eval_resize is not None and self.eval_resize < self.image_size:
