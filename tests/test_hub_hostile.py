@@ -53,8 +53,8 @@ class LyingResolveServer:
     """Answers every file request with ``body`` (or ``status``), naming a hostile commit and ETag in its headers:
     what a compromised mirror or a man in the middle could say. Records every request path."""
 
-    def __init__(self, body: bytes = b"", status: int = 200):
-        self.body, self.status, self.paths = body, status, []
+    def __init__(self, body: bytes = b"", status: int = 200, content_length: bool = True):
+        self.body, self.status, self.paths, self.content_length = body, status, [], content_length
 
     def __enter__(self):
         server = self
@@ -69,11 +69,16 @@ class LyingResolveServer:
                 server.paths.append(self.path)
                 body = server.body if server.status == 200 else b'{"error": "internal"}'
                 self.send_response(server.status)
-                self.send_header("Content-Length", str(len(body)))
+                if server.content_length:
+                    self.send_header("Content-Length", str(len(body)))
+                else:  # the body ends when the connection closes
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.send_header("X-Repo-Commit", ESCAPE)
                 self.send_header("ETag", f'"{ESCAPE}-etag"')
                 self.send_header("X-Linked-Etag", f'"{ESCAPE}-etag"')
-                self.send_header("X-Linked-Size", str(len(body)))
+                if server.content_length:
+                    self.send_header("X-Linked-Size", str(len(body)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
@@ -349,3 +354,34 @@ def test_a_failing_download_is_one_line_naming_the_endpoint(status, tmp_path):
     assert p.returncode == 2 and endpoint in line and ENTRY in line, p.stderr
     assert ("ConnectError" if status == "closed" else "HTTP 500") in line
     assert not [f for f in (tmp_path / "hf_home").rglob("*") if f.is_file()]
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["content-length", "unannounced"])
+def test_a_download_over_the_size_limit_is_cut_off_and_not_cached(announce, tmp_path, monkeypatch):
+    """A server that sends more than the download limit (here lowered to 1 KiB) is cut off, whether it says
+    so in Content-Length or just keeps streaming; nothing is cached."""
+    from huggingface_hub import constants
+
+    from scan_zoo.zoo import hub, registry
+
+    served = b"x" * 4096
+    lock = tmp_path / "lock.json"
+    write_lock(lock, {"hf_hub_id": REPO, "revision": GOOD_REV, "sha256": hashlib.sha256(served).hexdigest()})
+    monkeypatch.setenv("SCAN_ZOO_LOCK", str(lock))
+    monkeypatch.setenv(hub.MAX_DOWNLOAD_ENV, "1024")
+    with LyingResolveServer(served, content_length=announce) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        with pytest.raises(UserError, match="more than the limit of 1024 bytes") as e:
+            hub.weights_path(registry.get_entry(ENTRY), cache_dir=str(tmp_path / "cache"))
+    assert "nothing was kept in the cache" in str(e.value)
+    assert not [f for f in (tmp_path / "cache").rglob("*") if f.is_file()]
+
+
+def test_a_bad_download_limit_is_one_line(tmp_path, monkeypatch):
+    from scan_zoo.zoo import hub
+
+    monkeypatch.setenv(hub.MAX_DOWNLOAD_ENV, "-5")
+    with pytest.raises(UserError, match="must be a positive number of bytes"):
+        hub._download_limit()

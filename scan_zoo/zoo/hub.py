@@ -63,6 +63,10 @@ VERIFIED_MIN_AGE_S = 2.0
 #: weights up to this size are read once: the bytes hashed are the bytes deserialised (larger files are hashed
 #: in blocks and memory-mapped: one fresh buffer of 100 MB costs more in page faults than a second read)
 READ_ONCE_MAX_BYTES = 32 << 20
+#: the most a zoo download may send (``SCAN_ZOO_MAX_DOWNLOAD_BYTES`` overrides): far above any backbone's
+#: weights, low enough that a server streaming without end fills no disk
+MAX_DOWNLOAD_BYTES = 16 << 30
+MAX_DOWNLOAD_ENV = "SCAN_ZOO_MAX_DOWNLOAD_BYTES"
 
 
 def _file_key(path: str | Path) -> tuple:
@@ -148,15 +152,30 @@ def download_weights(entry: ZooEntry, cache_dir: Optional[str] = None) -> Path:
     return snapshot
 
 
+def _download_limit() -> int:
+    value = os.environ.get(MAX_DOWNLOAD_ENV)
+    if value is None:
+        return MAX_DOWNLOAD_BYTES
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{MAX_DOWNLOAD_ENV} must be a positive number of bytes, not {value!r}")
+    return int(value)
+
+
 def _fetch_blob(name: str, repo_id: str, revision: str, expected: str, blob: Path) -> None:
-    """GET ``repo_id``'s weights at ``revision`` into ``blob``, only if their sha256 is ``expected``."""
+    """GET ``repo_id``'s weights at ``revision`` into ``blob``, only if their sha256 is ``expected`` and they
+    stay within the download limit (:data:`MAX_DOWNLOAD_BYTES`)."""
     from huggingface_hub import constants, hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     url = hf_hub_url(repo_id, WEIGHTS_NAME, revision=revision)
     blob.parent.mkdir(parents=True, exist_ok=True)
     tmp = blob.with_name(f"{expected}.{os.getpid()}.incomplete")
-    digest = hashlib.sha256()
+    digest, limit, received = hashlib.sha256(), _download_limit(), 0
+
+    def too_big(size: str) -> UserError:
+        return UserError(f"the Hub sent {size} for {name} (from {_printable(url)}), more than the limit of {limit} "
+                         f"bytes ({MAX_DOWNLOAD_ENV}); nothing was kept in the cache")
+
     try:
         with hub_call(f"downloading {name} ({repo_id} at {revision})", constants.ENDPOINT,
                       after="nothing was written to the cache"):
@@ -165,8 +184,14 @@ def _fetch_blob(name: str, repo_id: str, revision: str, expected: str, blob: Pat
                 if response.status_code >= 400:
                     response.read()  # the error message is in the body
                 hf_raise_for_status(response)
+                announced = response.headers.get("content-length", "")
+                if announced.isdigit() and int(announced) > limit:
+                    raise too_big(f"a file of {announced} bytes")
                 with open(tmp, "wb") as f:
                     for chunk in response.iter_bytes(1 << 20):
+                        received += len(chunk)
+                        if received > limit:
+                            raise too_big(f"over {limit} bytes")
                         digest.update(chunk)
                         f.write(chunk)
         if digest.hexdigest() != expected:
