@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 from scan_zoo.data.datasets import NeighborBatchSampler
 from scan_zoo.experiments.pipeline import run_training
 from scan_zoo.methods.contrast import MomentumContrast
+from scan_zoo.train.checkpoints import PAUSE_ENV, list_checkpoints
 from scan_zoo.train.config import build_config
-from scan_zoo.train.trainer import PAUSE_ENV, NonFiniteLoss, list_checkpoints
+from scan_zoo.train.trainer import NonFiniteLoss
 
 # 48 images, 8 a step: 6 steps an epoch, 18 in all; checkpoints at steps 4, 6, 8, 12, 16 and 18, two kept
 ARGS = ["--method", "moco", "--model", "test_resnet", "--image-size", "16", "--eval-resize", "16",

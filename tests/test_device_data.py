@@ -320,8 +320,8 @@ def test_training_with_decode_device_resumes_exactly(jpegs, tmp_path):
     from safetensors.torch import load_file
 
     from scan_zoo.experiments.pipeline import run_training
+    from scan_zoo.train.checkpoints import list_checkpoints
     from scan_zoo.train.config import build_config
-    from scan_zoo.train.trainer import list_checkpoints
 
     def cfg(out, **kw):
         base = dict(method="moco", model="test_resnet", data=str(jpegs), output_dir=str(out), epochs=2, batch_size=4,

@@ -435,7 +435,7 @@ def test_train_resume_exact_and_export_loads_strictly(tiny_data, tmp_path):
     model = timm.create_model("test_resnet", num_classes=0)
     model.load_state_dict(weights, strict=True)  # the backbone alone, plain timm keys
     from scan_zoo.models.loading import load_backbone
-    from scan_zoo.train.trainer import list_checkpoints
+    from scan_zoo.train.checkpoints import list_checkpoints
 
     from_ckpt, _ = load_backbone(str(list_checkpoints(tmp_path / "full")[-1]))  # dense head, queues dropped
     assert all(torch.equal(from_ckpt.state_dict()[k], weights[k]) for k in weights)

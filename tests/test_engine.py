@@ -10,8 +10,8 @@ from conftest import PYTHON, run_cli
 from safetensors.torch import load_file
 
 from scan_zoo.experiments.pipeline import run_training
+from scan_zoo.train.checkpoints import list_checkpoints
 from scan_zoo.train.config import build_config
-from scan_zoo.train.trainer import list_checkpoints
 
 
 def cfg_for(data, out, **kw):

@@ -18,8 +18,8 @@ from conftest import BIN, PYTHON, ROOT, make_image_folder
 
 from scan_zoo.data.datasets import NeighborBatchSampler, image_folder
 from scan_zoo.experiments.pipeline import run_training
+from scan_zoo.train.checkpoints import PAUSE_ENV, checkpoint_problem
 from scan_zoo.train.config import build_config
-from scan_zoo.train.trainer import PAUSE_ENV, checkpoint_problem
 
 ARGS = ["--method", "moco", "--model", "test_resnet", "--image-size", "16", "--eval-resize", "16",
         "--batch-size", "8", "--queue-size", "16", "--epochs", "1000", "--log-every-steps", "1", "--seed", "1"]

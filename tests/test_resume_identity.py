@@ -17,12 +17,8 @@ import pytest
 import yaml
 from conftest import PYTHON, ROOT, make_image_folder, run_cli
 
-from scan_zoo.train.trainer import (
-    PAUSE_ENV,
-    checkpoint_problem,
-    cosine_lr,
-    list_checkpoints,
-)
+from scan_zoo.train.checkpoints import PAUSE_ENV, checkpoint_problem, list_checkpoints
+from scan_zoo.train.trainer import cosine_lr
 
 # 48 images, 8 a step: 6 steps an epoch; checkpoints at steps 2 and 4
 ARGS = ["--method", "moco", "--model", "test_resnet", "--image-size", "16", "--eval-resize", "16",

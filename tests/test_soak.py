@@ -20,7 +20,7 @@ from test_crash import sigkill
 from torchvision.datasets import ImageFolder
 
 from scan_zoo.data.datasets import NeighborBatchSampler
-from scan_zoo.train.trainer import PAUSE_ENV, list_checkpoints
+from scan_zoo.train.checkpoints import PAUSE_ENV, list_checkpoints
 
 pytestmark = pytest.mark.slow
 
