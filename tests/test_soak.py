@@ -200,6 +200,10 @@ def test_soak_two_processes_broken_image_nan_and_sigkill(tmp_path):
 
     # every step logged once (the NaN step as a skip naming both processes' terms); each skip of the image once
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    overrides = [r for r in rows if "resume_override" in r]  # the resume's record of the data change
+    assert [(r["step"], list(r["resume_override"])) for r in overrides] == [(KILL_AT // SAVE_EVERY * SAVE_EVERY,
+                                                                             ["data"])], overrides
+    rows = [r for r in rows if "resume_override" not in r]
     assert [r["step"] for r in rows] == list(range(1, TOTAL + 1))
     nan_row = rows[NAN_AT - 1]
     assert nan_row["skipped_nonfinite"] == 1 and nan_row["terms"][1]["loss"] == "nan"
