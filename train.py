@@ -98,4 +98,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C while the libraries are imported, or while the process group is closed
         if os.environ.get("RANK", "0") == "0":
             print(interrupted_line("train.py"), file=sys.stderr)
-        sys.exit(130)  # scan_zoo.train.interrupt.EXIT_STATUS (not imported here: the interrupt may have hit that import)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # 130: scan_zoo.train.interrupt.EXIT_STATUS (not imported here: the interrupt may have hit that import).
+        # os._exit skips the interpreter's teardown, which can abort (SIGABRT) on a half-imported extension.
+        os._exit(130)
