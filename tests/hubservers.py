@@ -489,3 +489,19 @@ def run_client(code: str, env: dict, timeout: float = 120) -> dict:
                        timeout=timeout)
     assert r.returncode == 0, f"client failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def make_digits_export(tmp_path: Path, results: dict | None = None) -> Path:
+    """A folder ``scan-zoo publish`` accepts: a random test_resnet exported as ``test_resnet.moco_digits``
+    (with ``eval_results.json`` when ``results`` is given)."""
+    from scan_zoo.models.backbones import create_backbone, data_config_for, export_backbone
+    from scan_zoo.zoo import registry
+    from scan_zoo.zoo.hub import export
+
+    run = tmp_path / "run"
+    export_backbone(create_backbone("test_resnet"), run,
+                    data_config_for(32, 32, registry.IMAGENET_MEAN, registry.IMAGENET_STD),
+                    {"method": "moco", "steps": 1, "epochs": 1, "num_train_images": 1})
+    if results is not None:
+        (run / "eval_results.json").write_text(json.dumps(results))
+    return export(run, "test_resnet.moco_digits", tmp_path / "export")

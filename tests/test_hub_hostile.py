@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, make_image_folder, run_cli
-from hubservers import LOOPBACK, HubWriteStandIn, client_env, free_port, run_client
+from hubservers import LOOPBACK, HubWriteStandIn, client_env, free_port, make_digits_export, run_client
 
 from scan_zoo import cli
 from scan_zoo.common.errors import UserError
 from scan_zoo.zoo import registry
-from scan_zoo.zoo.hub import export
 
 TOKEN = "hf_hostile_test_token_0123456789abcdef"
 GOOD_REV = "0123456789abcdef0123456789abcdef01234567"
@@ -136,17 +135,7 @@ class FailingHub(HubWriteStandIn):
 
 @pytest.fixture
 def digits_export(tmp_path):
-    from scan_zoo.models.backbones import (
-        create_backbone,
-        data_config_for,
-        export_backbone,
-    )
-
-    run = tmp_path / "run"
-    export_backbone(create_backbone("test_resnet"), run, data_config_for(32, 32, registry.IMAGENET_MEAN,
-                                                                         registry.IMAGENET_STD),
-                    {"method": "moco", "steps": 1, "epochs": 1, "num_train_images": 1})
-    return export(run, "test_resnet.moco_digits", tmp_path / "export")
+    return make_digits_export(tmp_path)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import BIN, run_cli
-from hubservers import HubWriteStandIn, OlahServer, run_client
+from hubservers import HubWriteStandIn, OlahServer, make_digits_export, run_client
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file
@@ -106,18 +106,7 @@ TOKEN = "hf_test_token_do_not_print_0123456789"
 
 @pytest.fixture
 def digits_export(tmp_path):
-    from scan_zoo.models.backbones import (
-        create_backbone,
-        data_config_for,
-        export_backbone,
-    )
-
-    run = tmp_path / "run"
-    export_backbone(create_backbone("test_resnet"), run, data_config_for(32, 32, registry.IMAGENET_MEAN,
-                                                                         registry.IMAGENET_STD),
-                    {"method": "moco", "steps": 1, "epochs": 1, "num_train_images": 1})
-    (run / "eval_results.json").write_text(json.dumps({"cached": {"top1": 50.0, "top5": 90.0}}))
-    return export(run, "test_resnet.moco_digits", tmp_path / "export")
+    return make_digits_export(tmp_path, {"cached": {"top1": 50.0, "top5": 90.0}})
 
 
 def test_publish_uploads_the_export_and_records_revision_and_sha256(digits_export, tmp_path, monkeypatch):
