@@ -1,7 +1,7 @@
 """Broken and unusual files in an ImageFolder: converted where possible, skipped and listed otherwise."""
 import numpy as np
 import pytest
-from conftest import make_image_folder
+from helpers import make_image_folder
 from PIL import Image
 
 from scan_zoo.common.errors import UserError

@@ -1,6 +1,6 @@
 """Scripts fail with one clear error line (no traceback) on bad input, and say what SCAN needs."""
 
-from conftest import BIN, PYTHON, run_cli
+from helpers import BIN, PYTHON, run_cli
 
 
 def last_line(proc):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, ROOT, make_image_folder, run_cli
+from helpers import PYTHON, ROOT, make_image_folder, run_cli, sigkill
 from safetensors.torch import load_file
 
 from scan_zoo.data.datasets import NeighborBatchSampler
@@ -41,30 +41,6 @@ def train(data, run_dir, *extra):
     p = run_cli(train_cmd(data, run_dir, *extra), env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
-
-
-def sigkill(proc: subprocess.Popen, markers: list[Path]) -> None:
-    """SIGKILL every process paused at ``markers`` (each holds its pid) and the process group of ``proc``."""
-    pids = [int(m.read_text()) for m in markers]
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for pid in pids:
-        deadline = time.monotonic() + 30
-        while _running(pid):
-            assert time.monotonic() < deadline, f"process {pid} survived SIGKILL"
-            time.sleep(0.02)
-    for m in markers:
-        m.unlink()
-
-
-def _running(pid: int) -> bool:
-    """Neither gone nor a zombie that nobody has reaped yet."""
-    try:
-        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
 
 
 def kill_when_paused(cmd, run_dir: Path, pause: str) -> str:

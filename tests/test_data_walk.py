@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import BIN, PYTHON, make_image_folder, run_cli
+from helpers import BIN, PYTHON, make_image_folder, run_cli
 from torchvision import datasets
 
 from scan_zoo.data import datasets as data_lib

@@ -1,19 +1,12 @@
 """Two CPU processes (gloo): the collectives, and real 2-process training runs through the launchers."""
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import BIN, run_cli
+from helpers import BIN, COMMON, free_port, launch, run_cli
 from safetensors.torch import load_file
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, out):
@@ -32,7 +25,7 @@ def _worker(rank, world, port, out):
 
 
 def test_gather_and_shuffle_bn_round_trip(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path / f"r{i}.pt", weights_only=True) for i in range(2)]
     want = torch.cat([r[0]["x"], r[1]["x"]])
     for i in range(2):
@@ -44,16 +37,6 @@ def test_gather_and_shuffle_bn_round_trip(tmp_path):
     all_shuffled = torch.cat([r[0]["shuffled"], r[1]["shuffled"]])
     assert sorted(all_shuffled.flatten().tolist()) == sorted(want.flatten().tolist())
     assert not torch.equal(all_shuffled, want)
-
-
-COMMON = ["--model", "test_resnet", "--image-size", "16", "--eval-resize", "16", "--num-workers", "0",
-          "--log-every-steps", "1"]
-
-
-def launch(args, env=None):
-    return run_cli([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", str(_free_port()), "train.py", *args], env=env)
 
 
 def test_two_process_moco_then_scan(tiny_data, tmp_path):
@@ -77,7 +60,7 @@ def test_two_process_moco_then_scan(tiny_data, tmp_path):
 
 
 def test_torchrun_works_too(tiny_data, tmp_path):
-    p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), "train.py",
+    p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "train.py",
                  "--method", "supcon", "--data", str(tiny_data), "--batch-size", "8", "--queue-size", "40",
                  "--max-steps", "2", "--output-dir", str(tmp_path / "run"), *COMMON])
     assert p.returncode == 0, p.stderr[-3000:]

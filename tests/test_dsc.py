@@ -12,12 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import BIN, run_cli
+from helpers import BIN, COMMON, cfg_for, free_port, launch, model_state, naive_info_nce, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from test_distributed import COMMON, _free_port, launch
-from test_engine import cfg_for, model_state
 
 import scan_zoo.methods.dsc as dsc_module
 from scan_zoo.common.errors import UserError
@@ -61,14 +59,12 @@ def test_correspondence_is_the_most_similar_key_pixel(topk):
 
 
 def naive_dense_info_nce(q, k, match, queue, t):
-    losses = []
-    for b in range(q.shape[0]):
-        for n in range(q.shape[1]):
-            pos = [float(q[b, n] @ k[b, j]) / t for j in match[b, n].tolist()]
-            neg = [float(q[b, n] @ z) / t for z in queue]
-            log_den = math.log(sum(math.exp(v) for v in pos + neg))
-            losses.append(-sum(p - log_den for p in pos) / len(pos))
-    return sum(losses) / len(losses)
+    """Per pixel (b, n): positives = its matched key pixels, denominator = those and the queue."""
+    def anchor(b, n):
+        pos = [float(q[b, n] @ k[b, j]) / t for j in match[b, n].tolist()]
+        row = pos + [float(q[b, n] @ z) / t for z in queue]
+        return row, range(len(pos)), range(len(row))
+    return naive_info_nce(anchor(b, n) for b in range(q.shape[0]) for n in range(q.shape[1]))
 
 
 @pytest.mark.parametrize("topk", [1, 2])
@@ -180,15 +176,11 @@ def test_sinkhorn_matches_a_loop_and_balances():
 
 
 def naive_supcon(a, k, ya, yk, t):
-    losses = []
-    for i in range(len(a)):
-        logits = [float(a[i] @ k[j]) / t for j in range(len(k))]
-        pos = [j for j in range(len(k)) if ya[i] == yk[j]]
-        if not pos:
-            continue
-        log_den = math.log(sum(math.exp(v) for v in logits))
-        losses.append(-sum(logits[p] - log_den for p in pos) / len(pos))
-    return sum(losses) / len(losses)
+    """Per anchor: positives = keys of its class, denominator = every key; anchors without one skipped."""
+    def anchor(i):
+        return [float(a[i] @ k[j]) / t for j in range(len(k))], [j for j in range(len(k)) if ya[i] == yk[j]], \
+            range(len(k))
+    return naive_info_nce(anchor(i) for i in range(len(a)))
 
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -479,7 +471,7 @@ def _worker(rank, world, port, out):
 
 
 def test_two_processes_cluster_the_global_batch_alike(tmp_path, monkeypatch):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [torch.load(tmp_path / f"r{i}.pt", weights_only=True) for i in range(2)]
     seen = spy(monkeypatch)
     m = make(shuffle_bn=True)

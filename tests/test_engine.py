@@ -1,28 +1,15 @@
 """Training runs end to end on a tiny ImageFolder: exact resume, checkpoint contents, export, no collectives."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import PYTHON, run_cli
+from helpers import PYTHON, cfg_for, model_state, run_cli
 from safetensors.torch import load_file
 
 from scan_zoo.experiments.pipeline import run_training
 from scan_zoo.train.checkpoints import list_checkpoints
-from scan_zoo.train.config import build_config
-
-
-def cfg_for(data, out, **kw):
-    base = dict(method="moco", model="test_resnet", data=str(data), output_dir=str(out), epochs=2, batch_size=8,
-                queue_size=16, image_size=16, eval_resize=16, num_workers=0, log_every_steps=1, lr=0.05, seed=1)
-    base.update(kw)
-    return build_config(base)
-
-
-def model_state(run_dir: Path) -> dict:
-    return load_file(str(list_checkpoints(run_dir)[-1] / "model.safetensors"))
 
 
 @pytest.mark.parametrize("method", ["moco", "supervised"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, PYTHON, ROOT, make_image_folder, run_cli
+from helpers import BIN, PYTHON, ROOT, make_image_folder, run_cli
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.data import datasets as data_lib
@@ -207,7 +207,7 @@ def test_bad_input_is_one_line(model_dir, tiny_data, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- two processes
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -221,7 +221,7 @@ def test_two_processes_give_the_one_process_result(protocol, model_dir, tiny_dat
     one = run_cli([PYTHON, *args, "--cache-dir", str(tmp_path / "c1"), "--out", str(tmp_path / "one.json")])
     assert one.returncode == 0, one.stderr
     two = run_cli([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                    *args, "--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "two.json")], timeout=300)
     assert two.returncode == 0, two.stderr
     r1 = json.loads((tmp_path / "one.json").read_text())[protocol]

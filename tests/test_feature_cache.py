@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, run_cli
+from helpers import PYTHON, run_cli
 
 from scan_zoo.data import datasets as data_lib
 from scan_zoo.models.backbones import create_backbone, data_config_for, export_backbone

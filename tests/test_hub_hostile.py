@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import BIN, make_image_folder, run_cli
+from helpers import BIN, make_image_folder, run_cli
 from hubservers import LOOPBACK, HubWriteStandIn, client_env, free_port, make_digits_export, run_client
 
 from scan_zoo import cli

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, PYTHON, ROOT, make_image_folder
+from helpers import BIN, PYTHON, ROOT, make_image_folder
 
 from scan_zoo.data.datasets import NeighborBatchSampler, image_folder
 from scan_zoo.experiments.pipeline import run_training

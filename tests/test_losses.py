@@ -1,26 +1,21 @@
 """The shared masked InfoNCE against naive loops, and the degenerate cases docs/method.md pins."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import naive_info_nce
 
 from scan_zoo.core.losses import contrast_masks, masked_info_nce, moco_info_nce
 
 
 def naive_masked_info_nce(logits, pos, neg, denominator="all"):
-    """Loop over anchors and positives in float64 with math.exp; anchors without positives skipped."""
-    losses = []
+    """Per anchor: positives from ``pos``, denominator = positives + negatives (or negatives only)."""
     B, M = logits.shape
-    for i in range(B):
+    def anchor(i):
         P = [j for j in range(M) if pos[i, j]]
         N = [j for j in range(M) if neg[i, j]]
-        den_set = P + N if denominator == "all" else N
-        if not P or not den_set:
-            continue
-        den = sum(math.exp(float(logits[i, j])) for j in den_set)
-        losses.append(-sum(float(logits[i, p]) - math.log(den) for p in P) / len(P))
-    return sum(losses) / len(losses) if losses else 0.0
+        return logits[i].tolist(), P, P + N if denominator == "all" else N
+    return naive_info_nce(anchor(i) for i in range(B))
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -99,28 +94,24 @@ def test_scan_with_k0_and_no_in_batch_negatives_is_moco(tau):
     neg = torch.cat([neg_b, torch.ones(B, L, dtype=torch.bool)], 1)
     scan = masked_info_nce(logits, pos, neg)
     # MoCo as its paper/code writes it, computed independently in float64
-    naive = 0.0
-    for i in range(B):
-        l_pos = float(q[i] @ k[i]) / tau
-        l_neg = [float(q[i] @ z) / tau for z in queue]
-        naive += -(l_pos - math.log(math.exp(l_pos) + sum(math.exp(x) for x in l_neg)))
-    assert scan.item() == pytest.approx(naive / B, rel=1e-5)
+    # (per anchor: logits [l_pos, l_neg(queue)...], the positive is slot 0, the denominator every slot)
+    def anchor(i):
+        row = [float(q[i] @ k[i]) / tau] + [float(q[i] @ z) / tau for z in queue]
+        return row, [0], range(len(row))
+    naive = naive_info_nce(anchor(i) for i in range(B))
+    assert scan.item() == pytest.approx(naive, rel=1e-5)
     assert scan.item() == pytest.approx(moco_info_nce(q, k, queue, tau).item(), rel=1e-5)
 
 
 def naive_supcon_out(q, k, labels, queue, queue_labels, tau):
     """Khosla et al.'s L_out with MoCo keys: for anchor i, positives = keys (batch and queue) of its class;
-    denominator = all keys. Loops, float64."""
+    denominator = all keys."""
     keys = torch.cat([k, queue]).double()
     key_labels = torch.cat([labels, queue_labels])
-    total, n = 0.0, 0
-    for i in range(len(q)):
+    def anchor(i):
         s = [float(q[i].double() @ kk) / tau for kk in keys]
-        log_den = math.log(sum(math.exp(x) for x in s))
-        P = [j for j in range(len(keys)) if key_labels[j] == labels[i]]
-        total += -sum(s[j] - log_den for j in P) / len(P)
-        n += 1
-    return total / n
+        return s, [j for j in range(len(keys)) if key_labels[j] == labels[i]], range(len(keys))
+    return naive_info_nce(anchor(i) for i in range(len(q)))
 
 
 def test_scan_with_k_all_same_class_is_supcon():

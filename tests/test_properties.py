@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import naive_info_nce
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,17 +23,12 @@ SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[Heal
 
 # ------------------------------------------------------------------------------------------ the loss
 def naive_masked_info_nce(logits, pos, neg, denominator="all"):
-    """One anchor at a time, one positive at a time, math.exp in float64; anchors without positives skipped."""
-    losses = []
-    for i in range(len(logits)):
+    """Per anchor: positives from ``pos``, denominator = positives + negatives (or negatives only)."""
+    def anchor(i):
         P = [j for j in range(len(logits[i])) if pos[i][j]]
         N = [j for j in range(len(logits[i])) if neg[i][j]]
-        den_set = P + N if denominator == "all" else N
-        if not P or not den_set:
-            continue
-        log_den = math.log(sum(math.exp(logits[i][j]) for j in den_set))
-        losses.append(-sum(logits[i][p] - log_den for p in P) / len(P))
-    return sum(losses) / len(losses) if losses else 0.0
+        return logits[i], P, P + N if denominator == "all" else N
+    return naive_info_nce(anchor(i) for i in range(len(logits)))
 
 
 @st.composite

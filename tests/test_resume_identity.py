@@ -15,7 +15,7 @@ import time
 
 import pytest
 import yaml
-from conftest import PYTHON, ROOT, make_image_folder, run_cli
+from helpers import PYTHON, ROOT, make_image_folder, run_cli
 
 from scan_zoo.train.checkpoints import PAUSE_ENV, checkpoint_problem, list_checkpoints
 from scan_zoo.train.trainer import cosine_lr

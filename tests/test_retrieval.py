@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
+from helpers import make_image_folder
 from PIL import Image
 
 from scan_zoo.eval import retrieval as R

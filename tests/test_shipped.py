@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from hubservers import run_client
 from safetensors.torch import load_file
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, ROOT, make_image_folder
+from helpers import BIN, ROOT, make_image_folder, sigkill
 from safetensors.torch import load_file
-from test_crash import sigkill
 from torchvision.datasets import ImageFolder
 
 from scan_zoo.data.datasets import NeighborBatchSampler

@@ -14,7 +14,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import BIN, PYTHON, ROOT, make_image_folder, run_cli
+from helpers import BIN, PYTHON, ROOT, make_image_folder, run_cli
 from safetensors.torch import save_file
 
 from scan_zoo.cli import main as scan_zoo_main

@@ -5,7 +5,7 @@ import time
 import pytest
 import timm
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from safetensors.torch import load_file, save_file
 
 import scan_zoo

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import BIN, run_cli
+from helpers import BIN, run_cli
 from hubservers import HubWriteStandIn, OlahServer, make_digits_export, run_client
 
 from scan_zoo.common.errors import UserError
