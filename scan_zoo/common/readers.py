@@ -13,6 +13,11 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load, load_file
+
 from scan_zoo.common.errors import UserError
 
 #: a ``.pth`` zip may hold at most this many times its own size (torch.save stores members uncompressed: ~1x)
@@ -38,8 +43,6 @@ def _readable_file(path: Path, what: str) -> int:
 
 def read_safetensors(path: str | Path, data: Optional[bytes] = None) -> dict:
     """The tensors of a safetensors file (or of its bytes ``data``, already read), by name."""
-    from safetensors.torch import load, load_file
-
     path = Path(path)
     if data is None:
         _readable_file(path, "safetensors file")
@@ -53,8 +56,6 @@ def read_safetensors(path: str | Path, data: Optional[bytes] = None) -> dict:
 
 def read_safetensors_metadata(path: str | Path) -> dict:
     """The string metadata of a safetensors file's header, without reading its tensors."""
-    from safetensors import safe_open
-
     path = Path(path)
     _readable_file(path, "safetensors file")
     try:
@@ -93,8 +94,6 @@ def read_json_object(path: str | Path) -> dict:
 
 def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML file whose top level is a mapping; an empty file is ``{}``."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"YAML file not found: {path}")
@@ -132,8 +131,6 @@ def check_pth_inflation(path: Path, size: int) -> None:
 def read_pth(path: str | Path):
     """What a ``.pth``/``.pth.tar`` holds, loaded with ``torch.load(weights_only=True)`` on the CPU after its
     inflated size was checked: tensors and plain containers only, never code."""
-    import torch
-
     path = Path(path)
     size = _readable_file(path, "PyTorch checkpoint")
     check_pth_inflation(path, size)

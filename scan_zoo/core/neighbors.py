@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 
 def _unit_rows(features, members: torch.Tensor) -> torch.Tensor:
@@ -72,8 +73,6 @@ def mine_neighbors(features, labels: torch.Tensor, k: int, chunk: int = 4096,
         fewer than K + 1 images. Similarities are ``Sim_A = (cos + 1) / 2``. Rows are sorted by
         decreasing similarity, ties broken by the lower index.
     """
-    from tqdm.auto import tqdm
-
     n = features.shape[0]
     labels = torch.as_tensor(labels).long()
     indices = torch.full((n, k), -1, dtype=torch.long)  # [N, K]

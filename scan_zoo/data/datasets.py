@@ -20,11 +20,13 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from scan_zoo.common.errors import UserError
+from scan_zoo.data.digits import ensure_digits
 from scan_zoo.data.folders import SafeImageFolder
 from scan_zoo.data.imageio import UnreadableImage, display_path, rgb_loader
 
@@ -55,8 +57,6 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> tor
 
 def gaussian_blur_image(img, kernel_size: int, sigma: float):
     """One PIL image (or uint8/float tensor [C, H, W]) blurred as torchvision's ``F.gaussian_blur`` does, separably."""
-    from torchvision.transforms import functional as F
-
     t = img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
     out = gaussian_blur(t[None].float(), kernel_size, torch.tensor([float(sigma)]))[0]  # [C, H, W]
     if not t.is_floating_point():
@@ -93,8 +93,6 @@ class ToNormalizedTensor:
             x = torch.from_numpy(a.reshape(a.shape[0], a.shape[1], -1)).permute(2, 0, 1).contiguous()  # [C, H, W]
             x = x.to(torch.float32).div(255)
         else:  # other modes: torchvision's own conversion (a tensor is refused there, as by T.ToTensor)
-            from torchvision.transforms import functional as F
-
             x = F.to_tensor(pic)
         return x.sub_(self._mean).div_(self._std)
 
@@ -234,8 +232,6 @@ def cache_small_dataset(ds: datasets.ImageFolder) -> datasets.ImageFolder:
 def resolve_data_root(data: str, cache: Optional[str] = None, progress: bool = True) -> Path:
     """'digits' renders (once) and returns the digit-scenes tree; anything else is an ImageFolder root."""
     if data == "digits":
-        from scan_zoo.data.digits import ensure_digits
-
         return ensure_digits(cache, progress=progress)
     return Path(data)
 
@@ -407,8 +403,6 @@ class NeighborBatchSampler:
 
 def make_loader(dataset: Dataset, sampler: NeighborBatchSampler, num_workers: int = 2,
                 pin_memory: bool = False, collate_fn=collate_views) -> "torch.utils.data.DataLoader":
-    from torch.utils.data import DataLoader
-
     # persistent workers: no start-up every epoch (0.7 s against a 10 s epoch of the digit scenes, 2 workers)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,

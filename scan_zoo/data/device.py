@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.data.datasets import MultiView, ToNormalizedTensor, gaussian_blur
@@ -264,8 +266,6 @@ class DeviceViews:
     # ---------------------------------------------------------------------------------------- decoding
     def decode(self, data: list, paths: list, device) -> tuple[list, list]:
         """uint8 [3, H, W] images on ``device`` (None where undecodable) and the reasons for those."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         device = torch.device(device)
         images: list = [None] * len(data)
         reasons = []
@@ -298,8 +298,6 @@ class DeviceViews:
     # ------------------------------------------------------------------------------------ augmentation
     def crops(self, images: list, crop: torch.Tensor) -> torch.Tensor:
         """Per image and view: resized crop (torchvision, antialiased) -> uint8 [V B, 3, S, S], view-major."""
-        import torchvision.transforms.v2.functional as F
-
         out = []
         for v in range(crop.shape[1]):
             for img, box in zip(images, crop[:, v].tolist()):

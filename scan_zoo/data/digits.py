@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 FORMAT_VERSION = 2
 SCALE_RANGE = (0.7, 0.95)  # glyph box side as a fraction of the canvas
@@ -63,8 +64,8 @@ def render_scene(glyph: np.ndarray, rng: np.random.Generator, size: int = 32) ->
 def render_digits(out: str | Path, renders: int = 4, size: int = 32, val_fraction: float = 0.2,
                   seed: int = 0, progress: bool = True) -> Path:
     """Write the digit-scenes ImageFolder tree into ``out`` (atomically: built aside, then renamed)."""
+    # lazy: scikit-learn (~1 s to import) is needed only when the scenes are rendered
     from sklearn.datasets import load_digits
-    from tqdm.auto import tqdm
 
     out = Path(out)
     digits = load_digits()

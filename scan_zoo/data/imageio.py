@@ -20,6 +20,7 @@ import stat
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 MAX_SIDE = 2048  # large JPEGs are decoded at the smallest DCT scale whose shorter side is still >= this
@@ -123,8 +124,6 @@ def rgb_loader(path: str) -> Image.Image:
 def verify_images(paths, progress: bool = True, left_out=()) -> None:
     """Decode every file; raise :class:`UnreadableImage` on the first that fails (``--strict-data``), or on the
     first of ``left_out`` ((path, reason) of files the listing refused to open, such as FIFOs)."""
-    from tqdm.auto import tqdm
-
     for path, reason in left_out:
         raise UnreadableImage(path, reason)
     for path in tqdm(paths, desc="verifying images", unit="img", disable=not progress):

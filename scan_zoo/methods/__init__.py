@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from scan_zoo.methods.dsc import DSC
+from scan_zoo.methods.dsc import DSC, resolve_feature_layer
 from scan_zoo.methods.moco import MoCo
 from scan_zoo.methods.scan import SCAN
 from scan_zoo.methods.supcon import SupCon
@@ -30,8 +30,6 @@ def build_method(cfg, backbone: nn.Module, num_classes: int) -> nn.Module:
     if cfg.method == "scan":
         return SCAN(backbone, denominator=cfg.denominator, in_batch_negatives=cfg.in_batch_negatives, **common)
     if cfg.method == "dsc":
-        from scan_zoo.methods.dsc import resolve_feature_layer
-
         return DSC(backbone, feature_layer=resolve_feature_layer(backbone, cfg.image_size, cfg.dsc_feature_layer),
                    dense_dim=cfg.dsc_dense_dim, dense_queue_size=cfg.dsc_queue_size, topk=cfg.dsc_topk,
                    assign=cfg.dsc_assign, clusters=cfg.dsc_clusters, kmeans_iters=cfg.dsc_kmeans_iters,

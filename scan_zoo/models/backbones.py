@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import timm
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import save_file
+from timm.layers import PatchEmbed
+from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from scan_zoo.common.errors import UserError
@@ -20,8 +23,6 @@ CONFIG_NAME = "config.json"
 
 def create_backbone(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model(name, num_classes=0)``: pooled features ``[B, num_features]``."""
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except RuntimeError as e:
@@ -74,8 +75,6 @@ def load_strict(model: nn.Module, state: dict, source: str) -> None:
 def check_input_size(model: nn.Module, image_size: int, name: str) -> None:
     """Refuse an ``image_size`` the model cannot take, before any work: a ViT-style patch embedding built for
     a fixed size accepts only that size, and a dynamic one only multiples of its patch."""
-    from timm.layers import PatchEmbed
-
     for m in model.modules():
         if not isinstance(m, PatchEmbed) or m.img_size is None:
             continue
@@ -97,8 +96,6 @@ def export_backbone(backbone: nn.Module, out_dir: Path, data_config: dict, extra
     unknown keys inside ``pretrained_cfg`` would break timm's loader). A projection ``head`` is saved
     separately as ``head.safetensors`` so contrastive training can continue from the export.
     """
-    from timm.models._hub import save_config_for_hf
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}

@@ -25,12 +25,14 @@ def network_error_types() -> tuple:
         except (ImportError, AttributeError):
             pass
     try:
+        # optional: huggingface_hub may run without requests (httpx)
         import requests
 
         types.append(requests.RequestException)
     except ImportError:
         pass
     try:
+        # optional: older huggingface_hub releases lack .errors
         from huggingface_hub.errors import HfHubHTTPError
 
         types.append(HfHubHTTPError)
@@ -95,6 +97,7 @@ def hub_call(what: str, endpoint: Optional[str], token: Optional[str] = None, af
 
 def _default_endpoint() -> str:
     try:
+        # optional: this message must not fail when huggingface_hub is broken
         from huggingface_hub import constants
 
         return constants.ENDPOINT

@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import functools
 
+from timm.models import _builder
+from timm.models import _registry as reg
+
+from scan_zoo.zoo import hub
 from scan_zoo.zoo.registry import ENTRIES, find_entry
 from scan_zoo.zoo.timm_cfg import has_weights, pretrained_cfg
 
@@ -30,8 +34,6 @@ _MARK = "_scan_zoo_hook"
 
 def register_tags(entries=ENTRIES) -> None:
     """Add each entry to timm's registry as ``<arch>.<tag>`` (timm has no public call for this)."""
-    from timm.models import _registry as reg
-
     needed = ("_model_pretrained_cfgs", "_model_default_cfgs", "_model_with_tags", "_model_has_pretrained")
     missing = [n for n in needed if not hasattr(reg, n)]
     if missing:
@@ -59,11 +61,7 @@ def install_loader_hook() -> None:
 
     ``hf-hub:`` and ``local-dir:`` names are left to timm (their config comes from the repository).
     """
-    from timm.models import _builder
 
-    from scan_zoo.zoo import (
-        hub,  # imported with the package, not inside the first load (which is what users time
-    )
     original = getattr(_builder, "load_pretrained", None)
     if not callable(original):
         raise RuntimeError("timm.models._builder.load_pretrained is gone: scan_zoo cannot verify zoo weights; "

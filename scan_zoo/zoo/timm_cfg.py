@@ -2,6 +2,9 @@
 and lock are the only inputs, so both the timm bridge and the Hub publisher can use it)."""
 from __future__ import annotations
 
+import timm
+from timm.models import PretrainedCfg
+
 from scan_zoo.common.errors import UserError
 from scan_zoo.zoo.registry import ZooEntry
 
@@ -30,9 +33,6 @@ def entry_status(entry: ZooEntry) -> str:
 
 def pretrained_cfg(entry: ZooEntry):
     """The entry as a timm ``PretrainedCfg``: preprocessing explicit, headless, timm's classifier name kept."""
-    import timm
-    from timm.models import PretrainedCfg
-
     arch_default = timm.models.get_pretrained_cfg(entry.arch)  # only for the classifier / first conv names
     facts, status = entry_facts(entry), entry_status(entry)
     hub_id = None
