@@ -88,9 +88,19 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from scan_zoo.zoo.hub import export
+    from scan_zoo.zoo.registry import ENTRIES
 
-    out = export(args.run_dir, args.name, args.out)
+    if any(e.name == args.name for e in ENTRIES):  # a zoo entry: checked against its registry recipe
+        from scan_zoo.common.errors import UserError
+        from scan_zoo.zoo.hub import export
+
+        if args.out is None:
+            raise UserError(f"--out is required when exporting the zoo entry {args.name}")
+        out = export(args.run_dir, args.name, args.out)
+    else:  # the user's own run under ORG/MODEL: the card describes that run
+        from scan_zoo.experiments.user_export import export_run
+
+        out = export_run(args.run_dir, args.name, args.out or f"runs/export/{args.name}", force=args.force)
     print(f"{args.name} exported to {out} (model.safetensors, config.json, README.md)")
     return 0
 
@@ -199,8 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="a training run -> a zoo model folder (weights, config.json, model card)")
     ex.add_argument("run_dir", help="run directory holding model.safetensors and config.json (train.py's output)")
-    ex.add_argument("--name", required=True, help="zoo name <arch>.<tag> (scan-zoo list)")
-    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--name", required=True, help="a zoo name <arch>.<tag> (scan-zoo list), or ORG/MODEL for your "
+                    "own run (its card then describes that run)")
+    ex.add_argument("--out", default=None, help="output folder (required for a zoo name; ORG/MODEL: default "
+                    "runs/export/ORG/MODEL)")
+    ex.add_argument("--force", action="store_true", help="ORG/MODEL: replace the export files of a non-empty --out")
     ex.set_defaults(func=_cmd_export)
 
     pb = sub.add_parser("publish", help="upload an exported folder to the Hugging Face Hub; record its revision")
