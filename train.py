@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    lost = False
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("scan_zoo").setLevel(logging.INFO)
     try:
@@ -79,10 +80,21 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # one line, from the first process
             print(interrupted_line(parser.prog), file=sys.stderr)
         return EXIT_STATUS
+    except RuntimeError as e:  # another process (another node) died or timed out: one line, exit status 4
+        from scan_zoo.common.distributed import PEER_LOST_EXIT, peer_lost
+
+        reason = peer_lost(e)
+        if reason is None:
+            raise
+        lost = True
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node
+            print(f"{parser.prog}: lost contact with another process of this run ({reason}); its checkpoints are "
+                  "intact: once every node is back, continue with --resume latest", file=sys.stderr)
+        return PEER_LOST_EXIT
     finally:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized() and not lost:  # after a lost peer it could wait forever
             dist.destroy_process_group()
     return 0
 

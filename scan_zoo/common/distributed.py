@@ -2,11 +2,24 @@
 
 Processes may hold batches of different sizes (the sampler spreads an epoch's anchors evenly, so
 sizes differ by at most one), so gathers pad to the largest size and strip the padding again.
+
+A process of a multi-process (or multi-node) run that dies, or stops answering for longer than the process
+group's timeout (``--dist-timeout``), makes the next collective of every other process fail; :func:`peer_lost`
+recognises that error, which ``train.py`` reports in one line with exit status :data:`PEER_LOST_EXIT`.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
+
+#: exit status of a run that stopped because another process of it was lost (killed, its node gone) or timed out
+PEER_LOST_EXIT = 4
+
+# What gloo's and the TCP store's errors say when the other end is gone or silent (gloo raises plain RuntimeError).
+_PEER_LOST = re.compile(r"connection (closed|reset) by peer|timed out|timeout|broken pipe|connection refused|"
+                        r"failed to recv|remote worker crash", re.IGNORECASE)
 
 
 def world_size() -> int:
@@ -63,3 +76,17 @@ def unshuffle_across(y: torch.Tensor, idx_unshuffle: torch.Tensor, sizes: list[i
     y_all = gather_cat(y, sizes)  # [N, ...] in shuffled order
     start = sum(sizes[: rank()])
     return y_all[idx_unshuffle[start:start + sizes[rank()]]]
+
+
+def peer_lost(error: BaseException) -> str | None:
+    """What ``error`` says in one line, when it is a collective or store operation failing because another
+    process of the run was lost or timed out; None for any other error."""
+    if not isinstance(error, RuntimeError):
+        return None
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if not (isinstance(error, dist.DistError) or (world_size() > 1 and _PEER_LOST.search(text))):
+        return None
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|hpp|h):\d+\]\s*", "", text)  # the C++ source location of the message
+    text = text.split(" This is typically caused", 1)[0]  # gloo's advice after the reason
+    return text.strip()[:300] or type(error).__name__

@@ -23,7 +23,7 @@ def run_training(cfg: TrainConfig) -> dict:
     """Train one method (stage 1 mining included for SCAN when only an appearance model is named).
 
     The run directory is locked first (:mod:`scan_zoo.train.run_lock`): a second run into it stops before any work."""
-    acc = make_accelerator(Path(cfg.output_dir))
+    acc = make_accelerator(Path(cfg.output_dir), dist_timeout=cfg.dist_timeout)
     with run_lock.hold(Path(cfg.output_dir), acc):
         return _run_training(cfg, acc)
 

@@ -104,6 +104,7 @@ class TrainConfig:
     keep_checkpoints: Annotated[int, AtLeast(1)] = 2  # complete checkpoints kept; older ones are pruned after a new one is complete
     stop_after_steps: Annotated[Optional[int], AtLeast(1)] = None  # checkpoint and exit after this many steps (preemption); schedule unchanged
     resume: Annotated[Optional[str], Text()] = None  # 'latest' or a checkpoint directory
+    dist_timeout: Annotated[Optional[float], Positive()] = None  # seconds a collective waits for the other processes before the run stops with exit status 4 (default: torch's 30 minutes)
     deterministic: bool = False  # torch deterministic algorithms (bit-exact resume on CPU is exact either way)
     knn_k: Annotated[int, AtLeast(1)] = 20  # kNN evaluation: neighbours
     knn_temperature: Annotated[float, Positive()] = 0.07  # kNN evaluation: vote weight exp(sim / T)

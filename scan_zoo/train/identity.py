@@ -28,7 +28,7 @@ NEUTRAL = frozenset({
     "output_dir", "data", "data_cache", "neighbors", "appearance_model", "init_from",
     "num_workers", "log_every_steps", "save_every_epochs", "save_every_steps", "keep_checkpoints",
     "stop_after_steps", "resume", "resume_override", "strict_data", "skip_nonfinite", "deterministic",
-    "knn_k", "knn_temperature",
+    "knn_k", "knn_temperature", "dist_timeout",
 })
 
 # Fields that decide which tensors a checkpoint holds, and their shapes: no override can make it fit.

@@ -34,11 +34,13 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from scan_zoo.common.distributed import peer_lost
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file
 from scan_zoo.data import datasets as data_lib
@@ -85,15 +87,17 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------- setup helpers
-def make_accelerator(output_dir: Path, log_with: Optional[str] = "tensorboard"):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+def make_accelerator(output_dir: Path, log_with: Optional[str] = "tensorboard", dist_timeout: float | None = None):
+    """``dist_timeout``: seconds a collective waits for the other processes (``--dist-timeout``; None: torch's)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration
 
     # Accelerate only forms a CPU process group when asked for the CPU (gloo backend).
     cpu = not torch.cuda.is_available()
     # The queue is identical on every process by construction: no need to broadcast buffers each step.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(cpu=cpu, log_with=log_with, kwargs_handlers=[ddp],
+    handlers = [ddp] if dist_timeout is None else [ddp, InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))]
+    return Accelerator(cpu=cpu, log_with=log_with, kwargs_handlers=handlers,
                        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tb")))
 
 
@@ -141,7 +145,7 @@ class Trainer:
 
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
-        self.acc = accelerator or make_accelerator(self.run_dir)
+        self.acc = accelerator or make_accelerator(self.run_dir, dist_timeout=cfg.dist_timeout)
         acc = self.acc
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -262,7 +266,7 @@ class Trainer:
         try:
             yield
         except (OSError, RuntimeError) as e:
-            if isinstance(e, NonFiniteLoss):
+            if isinstance(e, NonFiniteLoss) or peer_lost(e) is not None:  # not a write error: train.py reports it
                 raise
             self._write_failed(tmp, final, e)
         except Exception as e:
