@@ -13,7 +13,7 @@ from helpers import BIN, PYTHON, ROOT, make_image_folder, run_cli
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.data import datasets as data_lib
-from scan_zoo.eval import probe
+from scan_zoo.eval import linear, probe
 from scan_zoo.models import features as features_lib
 from scan_zoo.models.backbones import create_backbone, data_config_for, export_backbone
 from scan_zoo.models.loading import load_backbone
@@ -77,7 +77,7 @@ def test_check_raises_when_a_weight_or_buffer_changes(target, model_dir, tiny_da
             backbone.state_dict()[target].view(-1)[0] += 1e-3
         return loss
 
-    monkeypatch.setattr(probe, "train_epoch", perturbing_epoch)
+    monkeypatch.setattr(linear, "train_epoch", perturbing_epoch)
     train, val = probe.load_splits(tiny_data)
     with pytest.raises(probe.BackboneChanged, match=target.replace(".", r"\.")):
         probe.linear_probe(backbone, train, val, quick("cached", tmp_path, epochs=1))
@@ -139,7 +139,7 @@ def test_json_reports_the_last_epoch_and_keeps_both_protocols(model_dir, tiny_da
                 classifier.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
         return loss
 
-    monkeypatch.setattr(probe, "train_epoch", sabotaged_last_epoch)
+    monkeypatch.setattr(linear, "train_epoch", sabotaged_last_epoch)
     common = ["--data", str(tiny_data), "--num-workers", "0", "--no-progress", "--cache-dir", str(tmp_path / "c"),
               "--batch-size", "16"]
     assert script.main([str(model_dir), "--protocol", "moco", "--epochs", str(epochs), "--lr", "5",
@@ -159,7 +159,7 @@ def test_json_reports_the_last_epoch_and_keeps_both_protocols(model_dir, tiny_da
     assert (moco["train_images"], moco["val_images"]) == (48, 12)
     assert (moco["knn"]["k"], moco["knn"]["temperature"]) == (20, 0.07)
 
-    monkeypatch.setattr(probe, "train_epoch", original)
+    monkeypatch.setattr(linear, "train_epoch", original)
     assert script.main([str(model_dir), "--protocol", "cached", "--epochs", "3", *common]) == 0
     results = json.loads((model_dir / "eval_results.json").read_text())
     assert set(results) == {"moco", "cached"} and results["moco"] == moco  # merged, not overwritten

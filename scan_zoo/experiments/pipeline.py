@@ -8,11 +8,8 @@ import torch
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.paths import RECIPES_DIR
-from scan_zoo.core.metrics import knn_classify, topk_accuracy
 from scan_zoo.data import datasets as data_lib
-from scan_zoo.eval.probe import load_splits
-from scan_zoo.models.features import extract_features
-from scan_zoo.models.loading import load_backbone
+from scan_zoo.eval.probe import ProbeConfig, evaluate_knn
 from scan_zoo.train import run_lock
 from scan_zoo.train.config import TrainConfig, build_config, load_yaml
 from scan_zoo.train.mining import neighbors_for
@@ -52,18 +49,13 @@ def stage_recipe(stage: str) -> dict:
 
 
 def knn_evaluate(weights_dir: Path, cfg: TrainConfig, device: torch.device | str = "cpu") -> dict:
-    """kNN top-1/top-5 on the val split, the train split as the memory bank, for exported weights."""
-    root = data_lib.resolve_data_root(cfg.data, cfg.data_cache, progress=False)
-    train, val = load_splits(root)  # the same classes in both, or a clear error
-    backbone, _ = load_backbone(str(weights_dir), arch=cfg.model)
-    backbone = backbone.to(device)
-    tf = data_lib.eval_transform(cfg.image_size, cfg.eval_resize)
-    f_train, y_train = extract_features(backbone, data_lib.EvalImages(train, tf), num_workers=cfg.num_workers,
-                                        device=device, desc="kNN bank")
-    f_val, y_val = extract_features(backbone, data_lib.EvalImages(val, tf), num_workers=cfg.num_workers,
-                                    device=device, desc="kNN queries")
-    scores = knn_classify(f_train, y_train, f_val, len(train.classes), cfg.knn_k, cfg.knn_temperature)
-    return topk_accuracy(scores, y_val)
+    """kNN top-1/top-5 of exported weights on the val split (train split as the memory bank), by
+    ``eval_linear.py``'s protocol (:func:`scan_zoo.eval.probe.evaluate_knn`: the weights' own transform,
+    Resize(37) + CenterCrop(32) on the digits): the figure eval_linear.py and the zoo table show."""
+    probe_cfg = ProbeConfig(num_workers=cfg.num_workers, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
+                            progress=False)
+    return evaluate_knn(str(weights_dir), cfg.data, probe_cfg, arch=cfg.model, data_cache=cfg.data_cache,
+                        device=device)
 
 
 def run_pipeline(layers: list[dict]) -> dict:
