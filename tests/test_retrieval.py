@@ -10,6 +10,7 @@ from helpers import make_image_folder
 from PIL import Image
 
 from scan_zoo.eval import retrieval as R
+from scan_zoo.eval import retrieval_figure as RF
 
 
 def naive_topk(queries, gallery, k, exclude=None):
@@ -114,10 +115,10 @@ def test_run_retrieval_writes_figure_and_json(tmp_path, two_models):
     assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(result))
 
     # size: query column + one group of k framed images per model; header, rows with captions, legend
-    cell = R.TILE + 2 * R.FRAME
-    width = 2 * R.MARGIN + cell + 2 * (R.GROUP_GAP + k * cell + (k - 1) * R.GAP)
-    height = (2 * R.MARGIN + R.HEADER_LINES * R.LINE + R.ROW_GAP + queries * (cell + R.LINE)
-              + (queries - 1) * R.ROW_GAP + R.ROW_GAP + R.LEGEND_LINES * R.LINE)
+    cell = RF.TILE + 2 * RF.FRAME
+    width = 2 * RF.MARGIN + cell + 2 * (RF.GROUP_GAP + k * cell + (k - 1) * RF.GAP)
+    height = (2 * RF.MARGIN + RF.HEADER_LINES * RF.LINE + RF.ROW_GAP + queries * (cell + RF.LINE)
+              + (queries - 1) * RF.ROW_GAP + RF.ROW_GAP + RF.LEGEND_LINES * RF.LINE)
     img = Image.open(out).convert("RGB")
     assert img.size == (width, height) == tuple(result["image_size"])
 
@@ -138,14 +139,14 @@ def test_run_retrieval_writes_figure_and_json(tmp_path, two_models):
                 assert n["same_class"] == (n["label"] == q_labels[row])
                 same += n["same_class"]
                 x0, y0, x1, y1 = n["box"]
-                expect_x = R.MARGIN + cell + R.GROUP_GAP + m * (R.GROUP_GAP + k * cell + (k - 1) * R.GAP) + r * (cell + R.GAP)
-                expect_y = R.MARGIN + R.HEADER_LINES * R.LINE + R.ROW_GAP + row * (cell + R.LINE + R.ROW_GAP)
+                expect_x = RF.MARGIN + cell + RF.GROUP_GAP + m * (RF.GROUP_GAP + k * cell + (k - 1) * RF.GAP) + r * (cell + RF.GAP)
+                expect_y = RF.MARGIN + RF.HEADER_LINES * RF.LINE + RF.ROW_GAP + row * (cell + RF.LINE + RF.ROW_GAP)
                 assert (x0, y0, x1, y1) == (expect_x, expect_y, expect_x + cell, expect_y + cell)
-                colour = R.GREEN if n["same_class"] else R.RED
+                colour = RF.GREEN if n["same_class"] else RF.RED
                 for px in [(x0, y0), (x0 + 1, y0 + cell // 2), (x1 - 1, y1 - 1), (x0 + cell // 2, y1 - 2)]:
                     assert img.getpixel(px) == colour, (m, row, r, px)
                 colours[colour] += 1
-                assert img.getpixel((x0 - 1, y0)) == R.BACKGROUND  # the frame starts at the box
+                assert img.getpixel((x0 - 1, y0)) == RF.BACKGROUND  # the frame starts at the box
         assert model["precision_at_k"]["shown"] == same / (queries * k)
         assert model["precision_at_k"]["val_images"] == 12
     assert sum(colours.values()) == 2 * queries * k
@@ -170,5 +171,22 @@ def test_cli_parser_runs(tmp_path, two_models, capsys):
                               str(data), "--out", str(out), "--num-workers", "0", "--names", "random"])
     assert args.func(args) == 0
     assert str(out) in capsys.readouterr().out
-    assert Image.open(out).size == R.Layout(2, 1, 2).size
+    assert Image.open(out).size == RF.Layout(2, 1, 2).size
     assert json.loads(out.with_suffix(".json").read_text())["models"][0]["name"] == "random"
+
+
+def test_default_output_goes_under_runs_not_the_current_directory(tmp_path, two_models, capsys, monkeypatch):
+    _, models = two_models
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=6, size=16, val_per_class=2)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    parser = argparse.ArgumentParser()
+    R.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["retrieve", "--models", str(models[1]), str(models[0]), "--queries", "2", "--k", "2",
+                              "--data", str(data), "--num-workers", "0", "--names", "a/../b", "plain"])
+    assert args.func(args) == 0
+    written = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+    assert written == ["runs/retrieval/a_.._b+plain/retrieval.json", "runs/retrieval/a_.._b+plain/retrieval.png"]
+    assert "runs/retrieval/a_.._b+plain/retrieval.png" in capsys.readouterr().out
+    assert R.default_out(["x" * 300]).parent.name.startswith("x" * 80) and len(R.default_out(["x" * 300]).parent.name) < 100

@@ -10,7 +10,10 @@ import torch
 from PIL import Image
 
 from scan_zoo.common.errors import UserError
+from scan_zoo.core import transfer_metrics as M
+from scan_zoo.eval import multiscale as MS
 from scan_zoo.eval import transfer as T
+from scan_zoo.eval import transfer_tasks as TT
 from scan_zoo.experiments import bench as B
 from scan_zoo.experiments import bench_runs as R
 from scan_zoo.experiments import charts as C
@@ -25,39 +28,39 @@ def test_box_iou_hand_computed():
     # overlap 1x1 of two 2x2 boxes: 1 / (4 + 4 - 1); containment 4 / 16; touching (exclusive ends) 0;
     # disjoint 0; identical 1
     expected = [1 / 7, 0.25, 0.0, 0.0, 1.0]
-    assert T.box_iou(pred, target).tolist() == pytest.approx(expected)
-    assert T.box_iou([[2, 2, 2, 2]], [[2, 2, 2, 2]]).tolist() == [0.0]  # two empty boxes
-    assert T.box_iou([[3, 0, 1, 2]], [[0, 0, 2, 2]]).tolist() == [0.0]  # inverted box: no area
+    assert M.box_iou(pred, target).tolist() == pytest.approx(expected)
+    assert M.box_iou([[2, 2, 2, 2]], [[2, 2, 2, 2]]).tolist() == [0.0]  # two empty boxes
+    assert M.box_iou([[3, 0, 1, 2]], [[0, 0, 2, 2]]).tolist() == [0.0]  # inverted box: no area
 
 
 def test_mean_iou_hand_computed():
     target = torch.tensor([[[1, 1], [0, 0]]])
     pred = torch.tensor([[[1, 0], [0, 0]]])
     # glyph: TP 1, FN 1 -> 1/2; background: TP 2, FP 1 -> 2/3
-    miou, per_class = T.mean_iou(pred, target, 2)
+    miou, per_class = M.mean_iou(pred, target, 2)
     assert per_class == pytest.approx([2 / 3, 1 / 2])
     assert miou == pytest.approx((2 / 3 + 1 / 2) / 2)
     # dataset level: one confusion matrix over both images (a per-image mean would give another number)
     target2 = torch.cat([target, torch.zeros(1, 2, 2, dtype=torch.long)])
     pred2 = torch.cat([pred, torch.zeros(1, 2, 2, dtype=torch.long)])
-    miou, per_class = T.mean_iou(pred2, target2, 2)
+    miou, per_class = M.mean_iou(pred2, target2, 2)
     assert per_class == pytest.approx([6 / 7, 1 / 2])
     assert miou == pytest.approx((6 / 7 + 1 / 2) / 2)
     # a class absent from prediction and target is NaN and left out of the mean
-    miou, per_class = T.mean_iou(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3), 2)
+    miou, per_class = M.mean_iou(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3), 2)
     assert miou == 1.0 and per_class[0] == 1.0 and math.isnan(per_class[1])
 
 
 def test_r2_hand_computed_and_matches_sklearn():
-    assert T.r2_score([1, 2, 3, 5], [1, 2, 3, 4]).tolist() == pytest.approx([1 - 1 / 5])  # SS_res 1, SS_tot 5
-    assert T.r2_score([2.5] * 4, [1, 2, 3, 4]).tolist() == pytest.approx([0.0])  # predicting the mean
-    assert T.r2_score([4, 3, 2, 1], [1, 2, 3, 4]).tolist() == pytest.approx([1 - 20 / 5])  # worse than the mean
-    assert math.isnan(T.r2_score([1, 2], [3, 3]).item())  # constant target
+    assert M.r2_score([1, 2, 3, 5], [1, 2, 3, 4]).tolist() == pytest.approx([1 - 1 / 5])  # SS_res 1, SS_tot 5
+    assert M.r2_score([2.5] * 4, [1, 2, 3, 4]).tolist() == pytest.approx([0.0])  # predicting the mean
+    assert M.r2_score([4, 3, 2, 1], [1, 2, 3, 4]).tolist() == pytest.approx([1 - 20 / 5])  # worse than the mean
+    assert math.isnan(M.r2_score([1, 2], [3, 3]).item())  # constant target
     from sklearn.metrics import r2_score
 
     g = np.random.default_rng(0)
     y, p = g.normal(size=(50, 3)), g.normal(size=(50, 3))
-    assert T.r2_score(p, y).numpy() == pytest.approx(r2_score(y, p, multioutput="raw_values"))
+    assert M.r2_score(p, y).numpy() == pytest.approx(r2_score(y, p, multioutput="raw_values"))
 
 
 def test_ridge_matches_sklearn():
@@ -66,7 +69,7 @@ def test_ridge_matches_sklearn():
     g = np.random.default_rng(1)
     x, y = g.normal(size=(40, 6)) * [1, 2, 3, 1, 1, 5] + 3, g.normal(size=(40, 2))
     for lam in (1e-3, 1.0, 30.0):
-        (w, b), = T.ridge_fit(torch.tensor(x), torch.tensor(y), [lam])
+        (w, b), = M.ridge_fit(torch.tensor(x), torch.tensor(y), [lam])
         ref = Ridge(alpha=lam).fit(x, y)
         assert w.T.numpy() == pytest.approx(ref.coef_, abs=1e-8)
         assert b.numpy() == pytest.approx(ref.intercept_, abs=1e-8)
@@ -76,7 +79,7 @@ def test_ridge_select_prefers_small_lambda_on_clean_linear_data():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 5, generator=g, dtype=torch.float64)
     y = x @ torch.randn(5, 2, generator=g, dtype=torch.float64)
-    alpha, scores = T.ridge_select(x[:150], y[:150], x[150:], y[150:], [1e-4, 1.0, 100.0])
+    alpha, scores = M.ridge_select(x[:150], y[:150], x[150:], y[150:], [1e-4, 1.0, 100.0])
     assert alpha == 1e-4 and scores[0] == pytest.approx(1.0, abs=1e-4) and scores[0] > scores[1] > scores[2]
 
 
@@ -91,7 +94,7 @@ def test_features_only_weights_equal_the_backbone():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
-    model, unused = T.features_only_model(backbone)
+    model, unused = MS.features_only_model(backbone)
     own, src = model.state_dict(), backbone.state_dict()
     assert unused == [] and set(own) == set(src), "timm keeps the ResNet's module names in features_only"
     for k in own:
@@ -106,10 +109,10 @@ def test_features_only_weights_equal_the_backbone():
 
 def test_feature_state_dict_maps_getter_prefix_and_refuses_unknown_keys():
     state = {"a.weight": torch.ones(1), "b.bias": torch.zeros(1), "head.weight": torch.ones(2)}
-    mapped, unused = T.feature_state_dict(state, ["model.a.weight", "b.bias"])
+    mapped, unused = MS.feature_state_dict(state, ["model.a.weight", "b.bias"])
     assert set(mapped) == {"model.a.weight", "b.bias"} and unused == ["head.weight"]
     with pytest.raises(UserError, match="layer1_0"):
-        T.feature_state_dict(state, ["layer1_0.weight"])
+        MS.feature_state_dict(state, ["layer1_0.weight"])
 
 
 # ------------------------------------------------------------------------------------------- the suite
@@ -150,7 +153,7 @@ def test_digit_targets_follow_the_image_folder(digits_root):
     from scan_zoo.eval.probe import load_splits
 
     train, val = load_splits(digits_root)
-    t = T.digit_targets(digits_root, val, 32)
+    t = TT.digit_targets(digits_root, val, 32)
     meta = load_metadata(digits_root)
     row = list(meta["path"]).index(digits_root.joinpath(val.samples[7][0]).relative_to(digits_root).as_posix())
     assert t["bbox"][7].tolist() == meta["bbox"][row].tolist()

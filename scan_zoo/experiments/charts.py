@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Sequence
 
+from scan_zoo.eval import figures
 from scan_zoo.eval.transfer import TASKS
 from scan_zoo.experiments.bench_runs import LABELS
 
@@ -13,15 +14,6 @@ if TYPE_CHECKING:
 COLOURS = {"supervised": (120, 120, 120), "moco": (66, 133, 244), "supcon": (244, 160, 0), "scan": (219, 68, 55),
            "dsc": (15, 157, 88)}
 TASK_COLOURS = [(66, 133, 244), (219, 68, 55), (15, 157, 88), (171, 71, 188)]
-
-
-def _font(size: int = 11):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, ValueError, OSError):  # Pillow without FreeType
-        return ImageFont.load_default()
 
 
 def _nice_step(span: float, target_ticks: int = 5) -> float:
@@ -40,7 +32,7 @@ def transfer_chart(summary: dict, methods: Sequence[str], title: str = "") -> "I
     bar, gap, group_gap, left, right, top, bottom, plot_h = 44, 4, 36, 56, 20, 64, 48, 300
     n_m = len(methods)
     group_w = n_m * bar + (n_m - 1) * gap
-    font, small = _font(12), _font(10)
+    font, small = figures.font(12), figures.font(10)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     legend_w = sum(34 + probe.textlength(LABELS.get(m, m), font=small) for m in methods)
     width = int(max(left + len(TASKS) * group_w + (len(TASKS) + 1) * group_gap + right,
@@ -104,7 +96,7 @@ def k_ablation_chart(result: dict) -> "Image.Image":
     width, height = cols * panel_w + pad, top_title + rows * panel_h + pad
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
-    font, small = _font(12), _font(10)
+    font, small = figures.font(12), figures.font(10)
     runs = result["runs"]
     moco = result.get("moco", {}).get("scores") or {}
     d.text((pad, 8), f"SCAN K ablation on the digit scenes (seed {result['seed']}, {result['budget']['steps']} steps "

@@ -134,10 +134,7 @@ def train_command(cfg: dict, recipe: dict) -> str:
     parts = ["accelerate launch train.py"]
     if recipe["path"]:
         parts.append(f"--config {recipe['path']}")
-    parts.append(f"--method {cfg['method']}")
     for key, value, _ in recipe["differences"]:
-        if key == "method":
-            continue
         value = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         parts.append(f"--{key.replace('_', '-')} {value}")
     parts.append(f"--data {cfg['data']}")
