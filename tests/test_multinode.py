@@ -109,7 +109,7 @@ PROBE = textwrap.dedent("""
     from scan_zoo.train.trainer import make_accelerator
 
     out = Path(sys.argv[1])
-    acc = make_accelerator(out, log_with=None, dist_timeout=3)  # the process group training uses
+    acc = make_accelerator(out, log_with=None, dist_timeout=2)  # the process group training uses
     rank = D.rank()
     x = torch.stack([torch.full((3,), float(rank)), torch.arange(3.0) + 10 * rank], 1)  # [3, 2]: (rank, row id)
     got = []
@@ -118,7 +118,7 @@ PROBE = textwrap.dedent("""
         got.append((shuffled, D.unshuffle_across(shuffled, idx, sizes)))
     result = {"rank": rank, "node": os.environ["GROUP_RANK"], "x": x, "got": got}
     if rank == 1:
-        time.sleep(8)  # silent for longer than --dist-timeout, but alive
+        time.sleep(5)  # silent for longer than --dist-timeout, but alive
     else:
         try:
             D.gather_sizes(1, acc.device)

@@ -17,7 +17,9 @@ import torch.distributed as dist
 #: exit status of a run that stopped because another process of it was lost (killed, its node gone) or timed out
 PEER_LOST_EXIT = 4
 
-# What gloo's and the TCP store's errors say when the other end is gone or silent (gloo raises plain RuntimeError).
+# A plain RuntimeError counts only when it comes from the communication layer (gloo names its source file, torch's
+# process groups and store name themselves) and says that the other end is gone or silent.
+_COMMS = re.compile(r"gloo|c10d|nccl|ProcessGroup|TCPStore", re.IGNORECASE)
 _PEER_LOST = re.compile(r"connection (closed|reset) by peer|timed out|timeout|broken pipe|connection refused|"
                         r"failed to recv|remote worker crash", re.IGNORECASE)
 
@@ -85,7 +87,7 @@ def peer_lost(error: BaseException) -> str | None:
         return None
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else ""
-    if not (isinstance(error, dist.DistError) or (world_size() > 1 and _PEER_LOST.search(text))):
+    if not (isinstance(error, dist.DistError) or (world_size() > 1 and _COMMS.search(text) and _PEER_LOST.search(text))):
         return None
     text = re.sub(r"^\[[^\]]*\.(cc|cpp|hpp|h):\d+\]\s*", "", text)  # the C++ source location of the message
     text = text.split(" This is typically caused", 1)[0]  # gloo's advice after the reason
