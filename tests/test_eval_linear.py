@@ -95,6 +95,34 @@ def test_check_compares_bits_so_nan_weights_do_not_look_changed():
         probe.assert_unchanged(m, before)
 
 
+# ------------------------------------------------------------------------------------- reproducibility
+@pytest.mark.parametrize("protocol", probe.PROTOCOLS)
+def test_results_are_bit_identical_at_one_and_two_threads(protocol, model_dir, tiny_data, tmp_path):
+    """The caller's thread count changes no bit of the results (losses included), and is restored after."""
+    backbone, _ = load_backbone(str(model_dir))
+    train, val = probe.load_splits(tiny_data)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            r = probe.linear_probe(backbone, train, val, quick(protocol, tmp_path / str(len(runs)), epochs=4))
+            assert torch.get_num_threads() == threads
+            runs.append((r["history"], r["knn"], r["top1"]))
+    finally:
+        torch.set_num_threads(before)
+    assert runs[0] == runs[1] == runs[2]  # fresh caches: extraction repeated at each thread count
+
+
+def test_fixed_threads_restores_the_count_on_error():
+    before = torch.get_num_threads()
+    with pytest.raises(KeyError):
+        with linear.fixed_threads(1):
+            assert torch.get_num_threads() == 1
+            raise KeyError
+    assert torch.get_num_threads() == before
+
+
 # --------------------------------------------------------------------------------------- feature cache
 def test_cached_protocol_reuses_its_cache_and_invalidates_it(model_dir, tiny_data, tmp_path, monkeypatch):
     calls = []

@@ -60,7 +60,10 @@ IMAGENET_CROP_SCALE_MIN = 0.08  # main_lincls.py's RandomResizedCrop (torchvisio
 DIGITS_CROP_SCALE_MIN = 0.5  # 32-px digit scenes: smaller crops are stroke fragments (module docstring)
 LR_DECAY = 0.1  # main_lincls.py: lr x 0.1 at each milestone
 CROP_SCALE = Range(0, 1, lo_open=True, note="crop scale must satisfy 0 < min <= max <= 1")
-LINEAR_TOLERANCE = 0.0  # points of linear top-1 a re-run may differ by: the probe is bit-reproducible on a CPU
+# Points of linear top-1 a re-run may differ by. On one machine 0: the probe is bit-identical at any thread count.
+# Another CPU's kernels round the features differently; one-ulp feature changes moved linear top-1 (SGD at lr 30
+# for 100 epochs amplifies them) by up to 0.28 points on the shipped digits entries.
+LINEAR_TOLERANCE = 0.3
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # kNN beside every protocol (and in the training pipeline's table)
 
 

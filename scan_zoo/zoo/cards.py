@@ -62,7 +62,18 @@ def results_table(results: dict) -> str:
         lines.append(f"| {name} | {r['top1']:.2f} | {r.get('top5', float('nan')):.2f} | "
                      f"{knn.get('top1', float('nan')):.2f} | {r.get('dataset', '?')} ({r.get('train_images', '?')} / "
                      f"{r.get('val_images', '?')}) | {_protocol_text(r.get('protocol', {}))} |")
-    return "\n".join(lines) + "\n\nTop-1/top-5 are the last epoch's (never the best epoch's).\n"
+    return "\n".join(lines) + "\n\nTop-1/top-5 are the last epoch's (never the best epoch's).\n" + reproduce_text(results)
+
+
+def reproduce_text(results: dict) -> str:
+    """The command that re-measures the numbers and how close a re-run comes, from ``eval_results.json``."""
+    lines = []
+    for r in results.values():
+        rep = r.get("reproduce") if isinstance(r, dict) else None
+        if rep:
+            lines.append(f"\nReproduce: `{rep['command']}` prints these numbers: kNN exactly, linear top-1 within "
+                         f"{rep['linear_top1_tolerance']:.2f} points ({rep['note']}).\n")
+    return "".join(dict.fromkeys(lines))
 
 
 def model_card(entry: ZooEntry, results: dict, sha256: str, train: dict) -> str:
@@ -146,6 +157,11 @@ def zoo_table() -> str:
         extra = "".join(f" `--{k.replace('_', '-')} {v}`" for k, v in e.overrides)
         lines.append(f"| `{e.name}` | {METHOD_NAMES[e.method]} | {data} | {where} | {linear} | {knn} | "
                      f"`{e.recipe}`{extra} |")
+    reps = [r["reproduce"] for e in ENTRIES for r in e.metrics.values() if isinstance(r, dict) and "reproduce" in r]
+    if reps:
+        tol = max(r["linear_top1_tolerance"] for r in reps)
+        lines += ["", f"Measured numbers: `python eval_linear.py NAME` re-measures each (the card prints the command): "
+                      f"kNN exactly, linear top-1 within {tol:.2f} points ({reps[0]['note']})."]
     return "\n".join(lines)
 
 
