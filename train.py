@@ -24,19 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks=()) -> int:
+    """Run train.py with ``argv``; ``callbacks`` watch the training (scan_zoo.train.events). Returns the exit
+    status: 0, 2 (bad input), 3 (non-finite loss), 75 (preempted or time limit: continue with --resume
+    latest), 130 (Ctrl-C)."""
     import logging
 
     from accelerate import PartialState
 
     from scan_zoo.common.errors import UserError
-    from scan_zoo.experiments.pipeline import (
-        format_knn_table,
-        run_pipeline,
-        run_training,
+    from scan_zoo.train.config import config_from_args
+    from scan_zoo.train.interrupt import (
+        EXIT_PREEMPTED,
+        EXIT_STATUS,
+        Interrupted,
+        Preempted,
+        PreemptedOutside,
+        parse_signals,
+        preempt_outside,
     )
-    from scan_zoo.train.config import config_from_args, load_yaml
-    from scan_zoo.train.interrupt import EXIT_STATUS, Interrupted
     from scan_zoo.train.trainer import NonFiniteLoss
 
     parser = build_parser()
@@ -46,36 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("scan_zoo").setLevel(logging.INFO)
     try:
         cfg = config_from_args(args)
-        if cfg.method == "pipeline":
-            layers = [load_yaml(args.config)] if args.config else []
-            layers.append({k: v for k, v in vars(args).items() if k != "config"})
-            results = run_pipeline(layers)
-            if PartialState().is_main_process:
-                for stage, r in results.items():
-                    if not r["finished"]:
-                        print(f"{stage}: stopped at step {r['steps']}; continue with --resume latest")
-                if all("knn" in r for r in results.values()) and len(results) == 2:
-                    print("\nkNN evaluation on the val split (train split as memory bank):")
-                    print(format_knn_table(results, cfg.knn_k))
-                    print("\nexported backbones (plain timm keys):")
-                    for stage, r in results.items():
-                        print(f"  {stage}: {r['weights']}")
-        else:
-            r = run_training(cfg)
-            if PartialState().is_main_process:
-                print(f"{r['method']}: {r['steps']} steps, checkpoint {r['checkpoint']}")
-                if r.get("weights"):
-                    print(f"exported backbone: {r['weights']}")
+        with preempt_outside(parse_signals(cfg.preempt_signals)):
+            run(cfg, args, callbacks)
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"{parser.prog}: training stopped: {e}", file=sys.stderr)
         return 3
-    except Interrupted as e:  # Ctrl-C in the training loop: a checkpoint is saved (every process), one line
+    except (Interrupted, Preempted) as e:  # in the training loop: a checkpoint is saved (every process), one line
         if PartialState().is_main_process:
             print(f"{parser.prog}: {e}", file=sys.stderr)
-        return EXIT_STATUS
+        return EXIT_STATUS if isinstance(e, Interrupted) else EXIT_PREEMPTED
+    except PreemptedOutside as e:  # outside the loop (data rendering, mining, evaluation, export)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{parser.prog}: preempted ({e.signame}) outside the training steps; requeue and continue with "
+                  "--resume latest", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:  # Ctrl-C outside the loop (data rendering, mining, evaluation, export)
         if os.environ.get("RANK", "0") == "0":  # one line, from the first process
             print(interrupted_line(parser.prog), file=sys.stderr)
@@ -97,6 +90,35 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_available() and dist.is_initialized() and not lost:  # after a lost peer it could wait forever
             dist.destroy_process_group()
     return 0
+
+
+def run(cfg, args, callbacks) -> None:
+    """Train (one method, or the pipeline) and print what was made, on the main process."""
+    from accelerate import PartialState
+
+    from scan_zoo.experiments.pipeline import format_knn_table, run_pipeline, run_training
+    from scan_zoo.train.config import load_yaml
+
+    if cfg.method == "pipeline":
+        layers = [load_yaml(args.config)] if args.config else []
+        layers.append({k: v for k, v in vars(args).items() if k != "config"})
+        results = run_pipeline(layers, callbacks)
+        if PartialState().is_main_process:
+            for stage, r in results.items():
+                if not r["finished"]:
+                    print(f"{stage}: stopped at step {r['steps']}; continue with --resume latest")
+            if all("knn" in r for r in results.values()) and len(results) == 2:
+                print("\nkNN evaluation on the val split (train split as memory bank):")
+                print(format_knn_table(results, cfg.knn_k))
+                print("\nexported backbones (plain timm keys):")
+                for stage, r in results.items():
+                    print(f"  {stage}: {r['weights']}")
+    else:
+        r = run_training(cfg, callbacks)
+        if PartialState().is_main_process:
+            print(f"{r['method']}: {r['steps']} steps, checkpoint {r['checkpoint']}")
+            if r.get("weights"):
+                print(f"exported backbone: {r['weights']}")
 
 
 def interrupted_line(prog: str) -> str:

@@ -2,6 +2,7 @@
 
 Test modules import from here, never from one another.
 """
+import json
 import math
 import os
 import signal
@@ -72,6 +73,37 @@ def cfg_for(data, out, **kw):
 def model_state(run_dir: Path) -> dict:
     """The model weights of a run's newest checkpoint."""
     return load_file(str(list_checkpoints(run_dir)[-1] / "model.safetensors"))
+
+
+def paused(cmd: list, pause: str | None) -> list:
+    """``cmd`` (a train.py command line, launched or not) with train.py replaced by tests/pause_train.py, which
+    pauses at the ``point:step[,...]`` events in ``pause`` (None: ``cmd`` unchanged)."""
+    if not pause:
+        return list(cmd)
+    i = cmd.index("train.py")
+    return [*cmd[:i], str(ROOT / "tests" / "pause_train.py"), "--pause", pause, *cmd[i + 1:]]
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(run: Path, ref: Path, processes: int = 1) -> None:
+    """Exported backbone and the whole final training state (key encoder, queue, optimizer, every process's RNG
+    states) are bit-identical; every step is logged once, with the same loss."""
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
+    last_run, last_ref = list_checkpoints(run)[-1], list_checkpoints(ref)[-1]
+    assert last_run.name == last_ref.name
+    for name in ("model.safetensors", "optimizer.bin", *(f"random_states_{r}.pkl" for r in range(processes))):
+        assert (last_run / name).read_bytes() == (last_ref / name).read_bytes(), name
+    rows, ref_rows = metric_rows(run), metric_rows(ref)
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == list(range(1, len(ref_rows) + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("step_")]
+    assert not leftovers
 
 
 def sigkill(proc: subprocess.Popen, markers: list[Path]) -> None:

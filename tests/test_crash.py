@@ -3,7 +3,7 @@ weights; damaged or half-written checkpoints are never picked; a non-finite loss
 (or is skipped with --skip-nonfinite) and never reaches a checkpoint.
 
 The kills are real: train.py runs as a subprocess on a tiny ImageFolder and gets SIGKILL at a moment
-chosen through the engine's test hook (``SCAN_ZOO_TEST_PAUSE``: the run stops at a named point and waits).
+chosen through a training callback (tests/pause_train.py: the run stops at a named event and waits).
 """
 import json
 import os
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, ROOT, make_image_folder, run_cli, sigkill
+from helpers import PYTHON, ROOT, assert_same_run, make_image_folder, metric_rows, paused, run_cli, sigkill
 from safetensors.torch import load_file
 
 from scan_zoo.data.datasets import NeighborBatchSampler
 from scan_zoo.experiments.pipeline import run_training
 from scan_zoo.methods.contrast import MomentumContrast
-from scan_zoo.train.checkpoints import PAUSE_ENV, list_checkpoints
+from scan_zoo.train.checkpoints import list_checkpoints
 from scan_zoo.train.config import build_config
 from scan_zoo.train.trainer import NonFiniteLoss
 
@@ -49,7 +49,7 @@ def kill_when_paused(cmd, run_dir: Path, pause: str) -> str:
     marker = run_dir / f".paused_{pause.replace(':', '_')}.0"
     log = run_dir.parent / f"{run_dir.name}.killed.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **ENV, PAUSE_ENV: pause},
+        proc = subprocess.Popen(paused(cmd, pause), cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **ENV},
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 240
@@ -69,28 +69,6 @@ def kill_when_paused(cmd, run_dir: Path, pause: str) -> str:
 
 def steps_of(run_dir: Path) -> list[str]:
     return [c.name for c in list_checkpoints(run_dir)]
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_run(run: Path, ref: Path) -> None:
-    """Exported backbone and the whole final training state (key encoder, queue, optimizer, RNG states) are
-    bit-identical; every step is logged once, with the same loss."""
-    a, b = load_file(str(run / "model.safetensors")), load_file(str(ref / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].numpy().tobytes() == b[k].numpy().tobytes(), k
-    last_run, last_ref = list_checkpoints(run)[-1], list_checkpoints(ref)[-1]
-    assert last_run.name == last_ref.name
-    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
-        assert (last_run / name).read_bytes() == (last_ref / name).read_bytes(), name
-    rows, ref_rows = metric_rows(run), metric_rows(ref)
-    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == list(range(1, len(ref_rows) + 1))
-    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
-    leftovers = [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("step_")]
-    assert not leftovers
 
 
 @pytest.fixture(scope="module")

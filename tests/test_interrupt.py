@@ -2,7 +2,7 @@
 which no image can be read is a skipped step, not a crash.
 
 Ctrl-C is sent as a terminal sends it: to the whole process group (DataLoader workers included). The moment is
-chosen through the engine's test hook (``SCAN_ZOO_TEST_PAUSE``: the run waits after a step until released).
+chosen through a training callback (tests/pause_train.py: the run waits after a step until released).
 """
 import json
 import os
@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BIN, PYTHON, ROOT, make_image_folder
+from helpers import BIN, PYTHON, ROOT, make_image_folder, paused
 
 from scan_zoo.data.datasets import NeighborBatchSampler, image_folder
 from scan_zoo.experiments.pipeline import run_training
-from scan_zoo.train.checkpoints import PAUSE_ENV, checkpoint_problem
+from scan_zoo.train.checkpoints import checkpoint_problem
 from scan_zoo.train.config import build_config
 
 ARGS = ["--method", "moco", "--model", "test_resnet", "--image-size", "16", "--eval-resize", "16",
@@ -28,10 +28,8 @@ LINE = re.compile(r"^train\.py: interrupted at step (\d+); the last checkpoint i
 
 def start(cmd, run_dir, pause=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    if pause:
-        env[PAUSE_ENV] = pause
     # a session of its own: os.killpg reaches it and its DataLoader workers, as Ctrl-C in a terminal would
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(paused(cmd, pause), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 

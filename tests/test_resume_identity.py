@@ -15,9 +15,9 @@ import time
 
 import pytest
 import yaml
-from helpers import PYTHON, ROOT, make_image_folder, run_cli
+from helpers import PYTHON, ROOT, make_image_folder, paused, run_cli
 
-from scan_zoo.train.checkpoints import PAUSE_ENV, checkpoint_problem, list_checkpoints
+from scan_zoo.train.checkpoints import checkpoint_problem, list_checkpoints
 from scan_zoo.train.trainer import cosine_lr
 
 # 48 images, 8 a step: 6 steps an epoch; checkpoints at steps 2 and 4
@@ -150,7 +150,7 @@ def test_a_second_run_in_the_same_directory_fails_at_once(base_run, tmp_path):
     run_dir = tmp_path / "run"
     marker = run_dir / ".paused_step_1.0"
     cmd = [PYTHON, "train.py", "--data", str(data), "--output-dir", str(run_dir), *ARGS, "--max-steps", "2"]
-    first = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **ENV, PAUSE_ENV: "step:1"},
+    first = subprocess.Popen(paused(cmd, "step:1"), cwd=ROOT, env={**os.environ, **ENV},
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torchvision.datasets import ImageFolder
 
 from scan_zoo.data.datasets import NeighborBatchSampler
-from scan_zoo.train.checkpoints import PAUSE_ENV, list_checkpoints
+from scan_zoo.train.checkpoints import list_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,8 @@ KILL_AT = 130  # SIGKILL, 5 steps after the checkpoint of step 125
 SAVE_EVERY = 25  # (and no checkpoint at epoch ends)
 
 # train.py with the loss of process 1 made NaN at the steps in SOAK_NAN_STEPS (numbered from 1, as the
-# model's own step counter does, so a resumed run meets them again exactly like an uninterrupted one)
+# model's own step counter does, so a resumed run meets them again exactly like an uninterrupted one), paused
+# at the events in SOAK_PAUSE (tests/pause_train.py)
 WRAPPER = f"""
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -51,9 +52,11 @@ def patched(self, batch):
 
 
 MomentumContrast.forward = patched
-import train
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import pause_train
 
-sys.exit(train.main())
+pause = os.environ.get("SOAK_PAUSE")
+sys.exit(pause_train.main(["--pause", pause, *sys.argv[1:]] if pause else sys.argv[1:]))
 """
 
 
@@ -149,7 +152,7 @@ def test_soak_two_processes_broken_image_nan_and_sigkill(tmp_path):
     good_bytes = broken_path.read_bytes()
 
     def run_until_break(run: Path, pause: str):
-        proc = launch(script, data, run, {PAUSE_ENV: pause})
+        proc = launch(script, data, run, {"SOAK_PAUSE": pause})
         markers = wait_paused(proc, run, BREAK_AT)
         broken_path.write_bytes(good_bytes[: len(good_bytes) // 3])  # truncated, as a half-synced file is
         for m in markers:

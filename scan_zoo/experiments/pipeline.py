@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -12,20 +13,22 @@ from scan_zoo.data import datasets as data_lib
 from scan_zoo.eval.probe import ProbeConfig, evaluate_knn
 from scan_zoo.train import run_lock
 from scan_zoo.train.config import TrainConfig, build_config, load_yaml
+from scan_zoo.train.events import Callback
 from scan_zoo.train.mining import neighbors_for
 from scan_zoo.train.trainer import Trainer, make_accelerator
 
 
-def run_training(cfg: TrainConfig) -> dict:
-    """Train one method (stage 1 mining included for SCAN when only an appearance model is named).
+def run_training(cfg: TrainConfig, callbacks: Iterable[Callback] = ()) -> dict:
+    """Train one method (stage 1 mining included for SCAN when only an appearance model is named); ``callbacks``
+    watch the run (:mod:`scan_zoo.train.events`).
 
     The run directory is locked first (:mod:`scan_zoo.train.run_lock`): a second run into it stops before any work."""
     acc = make_accelerator(Path(cfg.output_dir), dist_timeout=cfg.dist_timeout)
     with run_lock.hold(Path(cfg.output_dir), acc):
-        return _run_training(cfg, acc)
+        return _run_training(cfg, acc, callbacks)
 
 
-def _run_training(cfg: TrainConfig, acc) -> dict:
+def _run_training(cfg: TrainConfig, acc, callbacks: Iterable[Callback]) -> dict:
     neighbors = None
     if cfg.method == "scan":
         if cfg.init_from is None and cfg.appearance_model is None:
@@ -38,7 +41,7 @@ def _run_training(cfg: TrainConfig, acc) -> dict:
         with acc.main_process_first():
             root = data_lib.resolve_data_root(cfg.data, cfg.data_cache, progress=acc.is_main_process)
         neighbors = neighbors_for(cfg, root, Path(cfg.output_dir), acc)
-    return Trainer(cfg, acc, neighbors).fit()
+    return Trainer(cfg, acc, neighbors, callbacks).fit()
 
 
 def stage_recipe(stage: str) -> dict:
@@ -58,7 +61,7 @@ def knn_evaluate(weights_dir: Path, cfg: TrainConfig, device: torch.device | str
                         device=device)
 
 
-def run_pipeline(layers: list[dict]) -> dict:
+def run_pipeline(layers: list[dict], callbacks: Iterable[Callback] = ()) -> dict:
     """MoCo-v2 stage, neighbour mining, SCAN stage initialised from MoCo, kNN of both.
 
     ``layers`` are the user's config layers (recipe file, command line); each stage applies them over
@@ -71,14 +74,14 @@ def run_pipeline(layers: list[dict]) -> dict:
     out = Path(user.get("output_dir", TrainConfig.output_dir))
     results = {}
     moco_cfg = build_config(stage_recipe("moco"), user, {"method": "moco", "output_dir": str(out / "moco")})
-    results["moco"] = run_training(moco_cfg)
+    results["moco"] = run_training(moco_cfg, callbacks)
     moco_dir = Path(results["moco"]["run_dir"])
     if not results["moco"]["finished"]:
         return results
     scan_cfg = build_config(stage_recipe("scan"), user,
                             {"method": "scan", "output_dir": str(out / "scan"), "appearance_model": str(moco_dir),
                              "init_from": str(moco_dir)})
-    results["scan"] = run_training(scan_cfg)
+    results["scan"] = run_training(scan_cfg, callbacks)
     if not results["scan"]["finished"]:
         return results
     from accelerate import PartialState

@@ -22,7 +22,6 @@ logger = logging.getLogger("scan_zoo.train.trainer")  # the run's checkpoint mes
 CKPT_DIR = "checkpoints"
 ABANDONED_DIR = "abandoned_checkpoints"  # newer checkpoints of a line a resume from further back left
 STATE_FILE = "train_state.json"
-PAUSE_ENV = "SCAN_ZOO_TEST_PAUSE"  # test hook, see _pause_point
 
 
 def checkpoint_problem(path: Path, verify: bool = False) -> Optional[str]:
@@ -104,12 +103,12 @@ def abandon_newer(run_dir: Path, step: int) -> Optional[Path]:
     dest.mkdir(parents=True)
     for d in newer:
         os.replace(d, dest / d.name)
-    _fsync(dest)
-    _fsync(Path(run_dir) / CKPT_DIR)
+    fsync(dest)
+    fsync(Path(run_dir) / CKPT_DIR)
     return dest
 
 
-def _discard(path: Path) -> None:
+def discard(path: Path) -> None:
     """Delete a checkpoint folder: renamed out of ``step_*`` first (atomic), so it never looks complete half-deleted."""
     trash = path.with_name(".trash_" + path.name)
     shutil.rmtree(trash, ignore_errors=True)
@@ -117,7 +116,7 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush a file, or a folder's entries, to disk (a kill alone loses nothing; a power cut would)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -131,34 +130,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _names(names: list[str], most: int = 3) -> str:
-    """``a, b, c and 4 more`` (empty: the culprit is on another process)."""
-    if not names:
-        return "on another process"
-    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def _pause_point(run_dir: Path, point: str, step: int, rank: int = 0) -> None:
-    """Test hook (tests/test_crash.py, tests/test_soak.py): does nothing unless ``SCAN_ZOO_TEST_PAUSE`` is set.
-
-    With ``SCAN_ZOO_TEST_PAUSE=<point>:<step>[,<point>:<step> ...]``, a process reaching a listed point
-    writes its pid to ``<run_dir>/.paused_<point>_<step>.<rank>`` and waits while that file exists (5
-    minutes at most), so that a test can SIGKILL it, or change the data, at exactly that moment (and delete
-    the file to let it go on). Points: ``step`` (every process, after an optimiser step, before any
-    checkpoint), and on the main process only ``checkpoint_written`` (state saved in ``.tmp_step_X``, no
-    ``train_state.json`` yet), ``checkpoint_complete`` (``train_state.json`` written, folder not renamed)
-    and ``checkpoint_renamed`` (renamed to ``step_X``, older checkpoints not pruned yet).
-    """
-    wanted = os.environ.get(PAUSE_ENV)
-    if not wanted or f"{point}:{step}" not in wanted.split(","):
-        return
-    marker = Path(run_dir) / f".paused_{point}_{step}.{rank}"
-    part = marker.with_name(marker.name + ".part")
-    part.write_text(str(os.getpid()))
-    os.replace(part, marker)  # whole or absent
-    deadline = time.monotonic() + 300
-    while marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+def last_good(run_dir: Path) -> str:
+    """The newest checkpoint whose content matches its recorded hashes (a corrupt one never counts), as the
+    text an error line names."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(ckpt, verify=True)
+        if problem is None:
+            return str(ckpt)
+        logger.warning("checkpoint %s is corrupt: %s", ckpt, problem)
+    return f"none yet (in {Path(run_dir) / CKPT_DIR})"
 
 
 def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:

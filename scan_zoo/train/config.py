@@ -27,6 +27,7 @@ from scan_zoo.common.validation import (
     field_specs,
     parse_fields,
 )
+from scan_zoo.train.interrupt import parse_duration, parse_signals
 
 METHODS = ("pipeline", "supervised", "moco", "supcon", "scan", "dsc")
 DSC_WEIGHT = AtLeast(0, note="DSC's loss weights (instance, pixel, category) must be >= 0 and not all 0")
@@ -103,6 +104,9 @@ class TrainConfig:
     save_every_steps: Annotated[Optional[int], AtLeast(1)] = None  # also checkpoint every this many steps
     keep_checkpoints: Annotated[int, AtLeast(1)] = 2  # complete checkpoints kept; older ones are pruned after a new one is complete
     stop_after_steps: Annotated[Optional[int], AtLeast(1)] = None  # checkpoint and exit after this many steps (preemption); schedule unchanged
+    preempt_signals: Annotated[str, Text(1)] = "TERM,USR1"  # signals that preempt the run: every process finishes its step, a checkpoint is saved, exit status 75 ('none': they end it at once)
+    time_limit: Annotated[Optional[str], Text(1)] = None  # SECONDS or HH:MM:SS after the process started: checkpoint and exit 75 before it runs out (SLURM_JOB_END_TIME, when set and earlier, counts instead)
+    time_limit_margin: Annotated[Optional[float], AtLeast(0)] = None  # stop when fewer seconds than this are left before the time limit; unset: 2 x the longest step + the longest checkpoint write
     resume: Annotated[Optional[str], Text()] = None  # 'latest' or a checkpoint directory
     dist_timeout: Annotated[Optional[float], Positive()] = None  # seconds a collective waits for the other processes before the run stops with exit status 4 (default: torch's 30 minutes)
     deterministic: bool = False  # torch deterministic algorithms (bit-exact resume on CPU is exact either way)
@@ -113,6 +117,9 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Every field's type and range (declared in its annotation), then the checks that span fields."""
         check_fields(self)
+        parse_signals(self.preempt_signals)
+        if self.time_limit is not None:
+            parse_duration(self.time_limit)
         dsc_weights = (self.dsc_weight_instance, self.dsc_weight_pixel, self.dsc_weight_category)
         if sum(dsc_weights) == 0:
             raise UserError(f"DSC's loss weights (instance, pixel, category) must be >= 0 and not all 0, not {dsc_weights}")

@@ -27,7 +27,7 @@ from scan_zoo.train.config import TrainConfig
 NEUTRAL = frozenset({
     "output_dir", "data", "data_cache", "neighbors", "appearance_model", "init_from",
     "num_workers", "log_every_steps", "save_every_epochs", "save_every_steps", "keep_checkpoints",
-    "stop_after_steps", "resume", "resume_override", "strict_data", "skip_nonfinite", "deterministic",
+    "stop_after_steps", "preempt_signals", "time_limit", "time_limit_margin", "resume", "resume_override", "strict_data", "skip_nonfinite", "deterministic",
     "knn_k", "knn_temperature", "dist_timeout",
 })
 

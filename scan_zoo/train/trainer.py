@@ -21,30 +21,32 @@ A run may be killed at any instruction (SIGKILL, preemption, a power cut):
 
 A non-finite loss stops training at once (:class:`NonFiniteLoss`, naming the step and every loss term)
 with the last good checkpoint untouched; ``--skip-nonfinite N`` skips up to N such steps instead (see
-:meth:`Trainer._nonfinite_step` for what a skipped step does), and no checkpoint is ever written from a
+:meth:`scan_zoo.train.step_guards.StepGuards._nonfinite_step` for what a skipped step does), and no checkpoint is ever written from a
 model state holding NaN or infinity.
+
+Ctrl-C and preemption (SIGTERM, SIGUSR1, ``--time-limit``) stop the loop between two steps, every process at
+the same step, with a checkpoint (:mod:`scan_zoo.train.interrupt`). The files: the checkpoint's own
+(:mod:`scan_zoo.train.checkpoint_io`, :mod:`scan_zoo.train.checkpoints`), skipped and non-finite steps
+(:mod:`scan_zoo.train.step_guards`), what a run is built from (:mod:`scan_zoo.train.builders`), the
+callbacks a caller watches a run with (:mod:`scan_zoo.train.events`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from scan_zoo.common.distributed import peer_lost
 from scan_zoo.common.errors import UserError
-from scan_zoo.common.files import sha256_file
 from scan_zoo.data import datasets as data_lib
-from scan_zoo.methods import build_method, num_views
+from scan_zoo.methods import build_method
 from scan_zoo.models.backbones import (
     HEAD_NAME,
     check_input_size,
@@ -54,26 +56,25 @@ from scan_zoo.models.backbones import (
     load_strict,
 )
 from scan_zoo.models.loading import load_backbone
-from scan_zoo.train import identity, interrupt, run_lock
+from scan_zoo.train import checkpoint_io, identity, interrupt, run_lock
+from scan_zoo.train.builders import cosine_lr, eval_dataset, make_accelerator, train_loader, train_transform
 from scan_zoo.train.checkpoints import (
     CKPT_DIR,
-    STATE_FILE,
-    _discard,
-    _fsync,
-    _names,
-    _pause_point,
     abandon_newer,
-    checkpoint_problem,
+    discard,
+    fsync,
     list_checkpoints,
     remove_leftovers,
     resolve_resume,
 )
 from scan_zoo.train.config import TrainConfig
+from scan_zoo.train.events import Callback, emit
+from scan_zoo.train.step_guards import NonFiniteLoss, StepGuards, name_list
+
+__all__ = ["NonFiniteLoss", "TrainState", "Trainer", "cosine_lr", "eval_dataset", "make_accelerator", "train_loader",
+           "train_transform"]
 
 logger = logging.getLogger(__name__)
-
-class NonFiniteLoss(RuntimeError):
-    """The loss (or the model state) became NaN or infinite; the last good checkpoint is left as it was."""
 
 
 @dataclass
@@ -86,64 +87,18 @@ class TrainState:
     skipped_nonfinite: int = 0  # steps skipped so far because the loss was not finite (--skip-nonfinite)
 
 
-# ---------------------------------------------------------------------------------------- setup helpers
-def make_accelerator(output_dir: Path, log_with: Optional[str] = "tensorboard", dist_timeout: float | None = None):
-    """``dist_timeout``: seconds a collective waits for the other processes (``--dist-timeout``; None: torch's)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-    from accelerate.utils import ProjectConfiguration
+class Trainer(StepGuards):
+    """One training run of one method. ``Trainer(cfg).fit()`` trains, checkpoints and exports.
 
-    # Accelerate only forms a CPU process group when asked for the CPU (gloo backend).
-    cpu = not torch.cuda.is_available()
-    # The queue is identical on every process by construction: no need to broadcast buffers each step.
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    handlers = [ddp] if dist_timeout is None else [ddp, InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))]
-    return Accelerator(cpu=cpu, log_with=log_with, kwargs_handlers=handlers,
-                       project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tb")))
+    ``callbacks`` are called at the points of :mod:`scan_zoo.train.events` (each with a
+    :class:`scan_zoo.train.events.TrainEvent`)."""
 
-
-def train_transform(cfg: TrainConfig):
-    if cfg.method == "supervised":
-        t = data_lib.supervised_transform(cfg.image_size, cfg.crop_scale_min, cfg.hflip)
-    else:
-        t = data_lib.moco_v2_transform(cfg.image_size, cfg.crop_scale_min, cfg.blur_prob, cfg.hflip,
-                                       cfg.jitter_hue, cfg.grayscale_prob)
-    return data_lib.MultiView(t, num_views(cfg.method))
-
-
-def train_loader(cfg: TrainConfig, base, sampler: data_lib.NeighborBatchSampler, device: torch.device):
-    """The training DataLoader, and for ``--decode device`` the callable that turns its batches into views on
-    ``device`` (:class:`scan_zoo.data.device.DeviceViews`; None for ``--decode cpu``). benchmarks/data.py uses it too."""
-    transform = train_transform(cfg)
-    pin = torch.device(device).type == "cuda"
-    data_lib.cache_small_dataset(base)  # the digit scenes: decoded once per worker, not once per epoch
-    if cfg.decode == "device":
-        from scan_zoo.data import device as device_data
-        loader = data_lib.make_loader(device_data.EncodedViews(base, transform), sampler, cfg.num_workers,
-                                      pin_memory=pin, collate_fn=device_data.collate_encoded)
-        return loader, device_data.DeviceViews(transform)
-    return data_lib.make_loader(data_lib.SeededViews(base, transform), sampler, cfg.num_workers, pin_memory=pin), None
-
-
-def eval_dataset(cfg: TrainConfig, base) -> data_lib.EvalImages:
-    return data_lib.EvalImages(base, data_lib.eval_transform(cfg.image_size, cfg.eval_resize))
-
-
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the peak lr: linear warm-up, then half a cosine to zero (per step)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ----------------------------------------------------------------------------------------- the run
-class Trainer:
-    """One training run of one method. ``Trainer(cfg).fit()`` trains, checkpoints and exports."""
-
-    def __init__(self, cfg: TrainConfig, accelerator=None, neighbors: Optional[torch.Tensor] = None):
+    def __init__(self, cfg: TrainConfig, accelerator=None, neighbors: torch.Tensor | None = None,
+                 callbacks: Iterable[Callback] = ()):
         from accelerate.utils import set_seed
 
         self.cfg = cfg
+        self.callbacks = list(callbacks)
         self.run_dir = Path(cfg.output_dir)
         self.acc = accelerator or make_accelerator(self.run_dir, dist_timeout=cfg.dist_timeout)
         acc = self.acc
@@ -177,7 +132,7 @@ class Trainer:
             if neighbors.shape != (n, cfg.k):
                 raise UserError(f"neighbour table is {tuple(neighbors.shape)}, expected ({n}, {cfg.k})")
         self.neighbors = neighbors if cfg.method == "scan" else None
-        self._data_fingerprint: Optional[dict] = None
+        self._data_fingerprint: dict | None = None
         self.method = build_method(cfg, self.backbone, self.num_classes)
         if cfg.method == "scan" and cfg.init_from:
             self.init_from(cfg.init_from)
@@ -202,6 +157,9 @@ class Trainer:
         self.saved_step = -1  # step of the newest checkpoint on disk
         self.skipped_images = 0  # unreadable training images met by this process since it started
         self.skipped_batches = 0  # steps this process skipped since it started: no image of the batch was readable
+        self.preempt_signals = interrupt.parse_signals(cfg.preempt_signals)
+        self.deadline = interrupt.Deadline.from_config(cfg.time_limit, cfg.time_limit_margin)
+        self.time_up = False  # this process found the deadline due (interrupt.Deadline)
 
     def init_from(self, ref: str) -> None:
         """Initialise query and key encoders from the label-free model (SCAN inherits MoCo's weights)."""
@@ -222,6 +180,9 @@ class Trainer:
         logger.info("initialised from %s", desc)
 
     # -------------------------------------------------------------------------------- checkpoints
+    def _event(self, point: str, step: int) -> None:
+        emit(self.callbacks, point, step, self.acc.process_index, self.run_dir)
+
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step_X`` atomically, then prune old ones (module docstring). Every process calls it."""
         acc = self.acc
@@ -230,10 +191,11 @@ class Trainer:
         final = root / f"step_{step:08d}"
         if self.saved_step == step:  # nothing new since the last save
             return final
+        started = time.perf_counter()
         broken = self._nonfinite_tensors()
         if self._count_processes(bool(broken)):  # never replace good checkpoints by a poisoned one
-            raise NonFiniteLoss(f"the model state is not finite after step {step} ({_names(broken)}); no checkpoint "
-                                f"written, the last good one is {self._last_good()}")
+            raise NonFiniteLoss(f"the model state is not finite after step {step} ({name_list(broken)}); no "
+                                f"checkpoint written, the last good one is {self._last_good()}")
         tmp = root / f".tmp_step_{step:08d}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -245,58 +207,28 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             with self._writing(tmp, final):
-                self._write_checkpoint_files(tmp, step)
-                _pause_point(self.run_dir, "checkpoint_complete", step)
+                state = {**asdict(self.state), "scheduler": self.scheduler.state_dict(),
+                         "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                         "data": self.data_fingerprint()}
+                checkpoint_io.write_checkpoint_files(tmp, self.cfg, state,
+                                                     lambda: self._event("checkpoint_written", step))
+                self._event("checkpoint_complete", step)
                 if final.exists():  # saved before (a run resumed from further back) or damaged: replaced
-                    _discard(final)
+                    discard(final)
                 os.replace(tmp, final)
-                _fsync(root)
-            _pause_point(self.run_dir, "checkpoint_renamed", step)
+                fsync(root)
+            self._event("checkpoint_renamed", step)
             others = [c for c in list_checkpoints(self.run_dir) if c != final]  # never prune the new one
             for old in others[:max(0, len(others) - (max(1, self.cfg.keep_checkpoints) - 1))]:
-                _discard(old)
+                discard(old)
         acc.wait_for_everyone()
         self.saved_step = step
+        self.deadline.note_checkpoint(time.perf_counter() - started)
         return final
 
-    @contextlib.contextmanager
     def _writing(self, tmp: Path, final: Path):
-        """A write error (a full disk, a quota, a failing device) while making a checkpoint: the unfinished
-        ``tmp`` is removed and the run ends with one line; the last good checkpoint is untouched."""
-        try:
-            yield
-        except (OSError, RuntimeError) as e:
-            if isinstance(e, NonFiniteLoss) or peer_lost(e) is not None:  # not a write error: train.py reports it
-                raise
-            self._write_failed(tmp, final, e)
-        except Exception as e:
-            if type(e).__name__ != "SafetensorError":  # safetensors' own error type for a failed write
-                raise
-            self._write_failed(tmp, final, e)
-
-    def _write_failed(self, tmp: Path, final: Path, e: Exception) -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        lines = str(getattr(e, "strerror", None) or e).strip().splitlines() or [type(e).__name__]
-        raise UserError(f"could not write checkpoint {final.name} in {final.parent}: {lines[0][:300]}; the last good "
-                        f"checkpoint, {self._last_good()}, is unchanged (make room, then continue with "
-                        "--resume latest)") from None
-
-    def _write_checkpoint_files(self, tmp: Path, step: int) -> None:
-        """Beside what ``save_state`` wrote: the config, then ``train_state.json`` (last: marks completeness) with
-        the position, the data fingerprint, and the size and sha256 of every other file."""
-        self.cfg.save(tmp / "config.yaml")
-        _pause_point(self.run_dir, "checkpoint_written", step)
-        names = [f.relative_to(tmp).as_posix() for f in sorted(tmp.rglob("*")) if f.is_file()]
-        files = {name: (tmp / name).stat().st_size for name in names}
-        for name in names:
-            _fsync(tmp / name)
-        state = {**asdict(self.state), "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps,
-                 "steps_per_epoch": self.steps_per_epoch, "files": files,
-                 "sha256": {name: sha256_file(tmp / name) for name in names},
-                 "data": self.data_fingerprint()}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        _fsync(tmp / STATE_FILE)
-        _fsync(tmp)
+        """A write error while making a checkpoint is one line (:func:`scan_zoo.train.checkpoint_io.writing`)."""
+        return checkpoint_io.writing(tmp, final, self._last_good, passes=(NonFiniteLoss,), passes_if=peer_lost)
 
     def data_fingerprint(self) -> dict:
         """The training data's fingerprint (:func:`scan_zoo.train.identity.data_fingerprint`), computed once."""
@@ -304,51 +236,9 @@ class Trainer:
             self._data_fingerprint = identity.data_fingerprint(self.train_base, self.data_root, self.neighbors)
         return self._data_fingerprint
 
-    def _check_identity(self, path: Path, saved: dict) -> list:
-        """The checkpoint's config and data against this run's (:func:`scan_zoo.train.identity.check_resume`)."""
-        import yaml
-
-        try:
-            saved_cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        except FileNotFoundError:
-            saved_cfg = None
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"checkpoint {path} has an unreadable config.yaml ({type(e).__name__})") from None
-        if saved_cfg is None:
-            logger.warning("checkpoint %s records no config: its run's identity cannot be checked", path)
-            return []
-        if not isinstance(saved_cfg, dict):
-            raise UserError(f"checkpoint {path} has a config.yaml that is not a mapping")
-        if "data" not in saved:
-            logger.warning("checkpoint %s records no data fingerprint (written by an older version): the training "
-                           "data cannot be compared", path)
-        return identity.check_resume(path, saved_cfg, saved.get("data"), self.cfg, self.data_fingerprint())
-
-    def _apply_override(self, path: Path, applied: list) -> None:
-        """Continue with the new values: optimiser hyper-parameters and the lr schedule are rebuilt from this
-        run's config (the checkpoint's optimizer and scheduler state carry the old ones), and the change is
-        recorded in ``metrics.jsonl``."""
-        cfg = self.cfg
-        groups = self.optimizer.param_groups
-        for g in groups:
-            g.update(initial_lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
-        sched = self.scheduler
-        sched.base_lrs = [cfg.lr for _ in groups]
-        now = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for g, lr in zip(groups, now):
-            g["lr"] = lr
-        sched._last_lr = now
-        changes = {name: {"old": old, "new": new} for name, old, new in applied}
-        text = ", ".join(f"{n} {o!r} -> {v!r}" if n != identity.DATA else "data" for n, o, v in applied)
-        logger.warning("resuming %s with --resume-override: %s (recorded in metrics.jsonl)", path, text)
-        if self.acc.is_main_process:
-            row = {"step": self.state.step, "resume_override": changes, "checkpoint": str(path)}
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row, default=str) + "\n")
-
     def load_checkpoint(self, path: Path) -> None:
-        saved = json.loads((path / STATE_FILE).read_text())
-        applied = self._check_identity(path, saved)
+        saved = checkpoint_io.read_train_state(path)
+        applied = checkpoint_io.check_identity(path, saved, self.cfg, self.data_fingerprint())
         if saved.get("steps_per_epoch") != self.steps_per_epoch:
             raise UserError(f"checkpoint {path} was made with {saved.get('steps_per_epoch')} steps per epoch, "
                             f"this run has {self.steps_per_epoch}: same data, batch size and process count needed")
@@ -361,36 +251,16 @@ class Trainer:
         self.state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"],
                                 saved.get("skipped_nonfinite", 0))
         self.saved_step = self.state.step
-        self._trim_logs(self.state.step)
+        metrics = self.run_dir / "metrics.jsonl" if self.acc.is_main_process else None
+        checkpoint_io.trim_logs(self.state.step, metrics, self.run_dir / self._skipped_images_file())
         if applied:
-            self._apply_override(path, applied)
+            checkpoint_io.apply_override(self.cfg, self.optimizer, self.scheduler, path, applied, metrics,
+                                         self.state.step)
         elif saved.get("total_steps") != self.total_steps:
             logger.warning("checkpoint %s was made for a %s-step schedule; this run has %d steps (--epochs/--max-steps"
                            " changed): the cosine schedule changes from here", path, saved.get("total_steps"),
                            self.total_steps)
         logger.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
-
-    def _trim_logs(self, step: int) -> None:
-        """Drop the log lines of steps after the checkpoint we resume from (they will be logged again).
-
-        ``metrics.jsonl`` (main process) and this process's ``skipped_images*.txt``; a line cut short by a
-        kill is dropped too.
-        """
-        def keep(path: Path, step_of) -> None:
-            if not path.is_file():
-                return
-            kept = []
-            for ln in path.read_text().splitlines():
-                try:
-                    if ln.strip() and step_of(ln) <= step:
-                        kept.append(ln + "\n")
-                except (ValueError, IndexError, AttributeError):
-                    logger.warning("dropping an unreadable line of %s (cut short by a kill?): %r", path, ln[:80])
-            path.write_text("".join(kept))
-
-        if self.acc.is_main_process:
-            keep(self.run_dir / "metrics.jsonl", lambda ln: json.loads(ln).get("step", 0))
-        keep(self.run_dir / self._skipped_images_file(), lambda ln: int(ln.split("\t", 1)[0].split()[1]))
 
     # ---------------------------------------------------------------------------------- training
     def fit(self) -> dict:
@@ -425,10 +295,10 @@ class Trainer:
         if acc.device.type == "cpu" and acc.mixed_precision in ("bf16", "fp16") and onednn:
             logger.info("%s autocast on the CPU: oneDNN switched off for this run (NaN gradients)", acc.mixed_precision)
             torch.backends.mkldnn.enabled = False
-        # Ctrl-C: the loop stops between two steps and a checkpoint is saved (scan_zoo.train.interrupt); a second Ctrl-C
-        # stops at once, naming the newest complete checkpoint.
+        # Ctrl-C or a preemption: the loop stops between two steps and a checkpoint is saved (scan_zoo.train.interrupt);
+        # a second Ctrl-C stops at once, naming the newest complete checkpoint.
         with interrupt.StopRequest(lambda: interrupt.Interrupted(self.state.step, self._last_good()),
-                                   notice=acc.is_main_process) as stop:
+                                   notice=acc.is_main_process, preempt=self.preempt_signals) as stop:
             try:
                 self._train(bar, stop)
             finally:
@@ -440,11 +310,15 @@ class Trainer:
             if self.state.step_in_epoch == self.steps_per_epoch:  # max_steps ended exactly on an epoch boundary
                 self.state.epoch, self.state.step_in_epoch = self.state.epoch + 1, 0
             ckpt = self.save_checkpoint()
-            interrupted = self._count_processes(stop.requested)  # every process stops alike
+            # every process stops alike: on Ctrl-C anywhere, else on a preemption anywhere
+            interrupted, preempted = self._count_each(stop.requested, stop.preempted is not None or self.time_up)
         for tracker in acc.trackers:
             tracker.finish()
         if interrupted:
             raise interrupt.Interrupted(self.state.step, ckpt)
+        if preempted:
+            why = stop.preempted or (f"{self.deadline.why} reached" if self.time_up else "signalled on another process")
+            raise interrupt.Preempted(self.state.step, ckpt, why)
         summary = {"method": cfg.method, "model": cfg.model, "steps": self.state.step, "epochs": self.state.epoch,
                    "finished": self.state.step >= self.total_steps, "checkpoint": str(ckpt), "run_dir": str(self.run_dir)}
         if summary["finished"]:
@@ -452,13 +326,14 @@ class Trainer:
         return summary
 
     def _train(self, bar, stop: interrupt.StopRequest) -> None:
-        """The epoch loop: until the schedule ends, ``stop_after_steps`` or Ctrl-C (``stop``); checkpoints as
-        configured. Before each step the processes agree on whether to stop and on whether a batch holds no
-        readable image (one collective for both; none with a single process)."""
+        """The epoch loop: until the schedule ends, ``stop_after_steps``, Ctrl-C or a preemption (``stop``, the
+        deadline); checkpoints as configured. Before each step the processes agree on whether to stop and on
+        whether a batch holds no readable image (one collective for all; none with a single process)."""
         cfg, acc = self.cfg, self.acc
         metrics_file = self.run_dir / "metrics.jsonl"
         stopped = False
         t_last, images_since = time.perf_counter(), 0
+        t_step = t_last  # when the previous step ended: a step's time includes waiting for its batch
         self.model.train()
         while self.state.step < self.total_steps and not stopped:
             self.sampler.set_epoch(self.state.epoch, self.state.step_in_epoch)
@@ -468,8 +343,10 @@ class Trainer:
                 if self.device_views is not None and len(batch["index"]):  # --decode device: decode and augment
                     batch = self.device_views(batch, acc.device)  # here, on the device
                 self._record_skipped(batch.pop("skipped"))
-                empty, interrupted = self._count_each(len(batch["index"]) == 0, stop.requested)
-                if interrupted:  # Ctrl-C on some process: every process stops before this step
+                self.time_up = self.time_up or self.deadline.due()
+                empty, interrupted, preempted = self._count_each(len(batch["index"]) == 0, stop.requested,
+                                                                 stop.preempted is not None or self.time_up)
+                if interrupted or preempted:  # Ctrl-C or a preemption on some process: every process stops here
                     stopped = True
                     break
                 if empty:
@@ -504,7 +381,10 @@ class Trainer:
                     if acc.is_main_process:
                         with open(metrics_file, "a") as f:
                             f.write(json.dumps({"step": self.state.step, **stats}) + "\n")
-                _pause_point(self.run_dir, "step", self.state.step, acc.process_index)
+                now = time.perf_counter()
+                self.deadline.note_step(now - t_step)
+                t_step = now
+                self._event("step", self.state.step)
                 if self.state.step >= self.total_steps:
                     break
                 if cfg.save_every_steps and self.state.step % cfg.save_every_steps == 0:
@@ -517,120 +397,6 @@ class Trainer:
                 self.state.step_in_epoch = 0
                 if self.state.epoch % cfg.save_every_epochs == 0 and self.state.step < self.total_steps:
                     self.save_checkpoint()
-
-    def _unreadable_step(self, processes: int) -> None:
-        """On ``processes`` processes no image of the batch could be read: every process skips this step.
-
-        As a skipped non-finite step, it consumes its batch and counts as a step, with no optimiser step; unlike
-        one, it runs no forward pass either (nothing to compute from), so no weight, queue or BatchNorm statistic
-        changes. It needs no ``--skip-nonfinite`` allowance: the images are listed in ``skipped_images*.txt``, the
-        step is logged and counted in ``metrics.jsonl`` (``skipped_unreadable``, steps skipped by this process
-        since it started).
-        """
-        step = self.state.step + 1  # numbered as in metrics.jsonl: the first step is step 1
-        self.skipped_batches += 1
-        where = f" on {processes} of {self.acc.num_processes} processes" if self.acc.num_processes > 1 else ""
-        logger.warning("skipped step %d (epoch %d): every image of its batch was unreadable%s (listed in %s)", step,
-                       self.state.epoch, where, self.run_dir / self._skipped_images_file())
-        if self.acc.is_main_process:
-            row = {"step": step, "epoch": self.state.epoch, "skipped_unreadable": self.skipped_batches,
-                   "processes": processes}
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        self.acc.log({"skipped_unreadable": self.skipped_batches}, step=step)
-
-    def _nonfinite_step(self, out: dict, processes: int) -> None:
-        """The loss is not finite on ``processes`` processes: skip this step (``--skip-nonfinite``) or raise.
-
-        Every process calls this and decides alike. A skipped step consumes its batch and counts as a step
-        (data position, lr schedule and shuffle-BN seed move on as usual), but takes no optimiser step: the
-        query encoder's weights and SGD's momentum stay as they were. What the forward pass changed is kept as
-        it left it: for the contrastive methods the key encoder's momentum step (towards the unchanged query
-        weights) and the batch's keys in the queue, so the queue pointer still counts every image read; for
-        all methods the BatchNorm running statistics. That is sound only while every weight, buffer and queue
-        entry is finite; if one is not, all later steps would fail too, so the step is not skipped and
-        training stops.
-        """
-        cfg = self.cfg
-        step = self.state.step + 1  # numbered as in metrics.jsonl: the first step is step 1
-        terms = self._loss_terms(out)  # [process] -> {term: value}
-        rows = [", ".join(f"{k}={v:.6g}" for k, v in t.items()) for t in terms]
-        text = rows[0] if len(rows) == 1 else "; ".join(f"process {r}: {row}" for r, row in enumerate(rows))
-        where = f" on {processes} of {self.acc.num_processes} processes" if self.acc.num_processes > 1 else ""
-        what = f"loss is not finite at step {step} (epoch {self.state.epoch}){where}: {text}"
-        if self.state.skipped_nonfinite >= cfg.skip_nonfinite:
-            allowance = (f"{self.state.skipped_nonfinite} non-finite step(s) skipped already, the most "
-                         f"--skip-nonfinite {cfg.skip_nonfinite} allows" if cfg.skip_nonfinite else
-                         "--skip-nonfinite N would skip up to N such steps")
-            raise NonFiniteLoss(f"{what}; the last good checkpoint is {self._last_good()} ({allowance})")
-        broken = self._nonfinite_tensors()
-        if self._count_processes(bool(broken)):
-            raise NonFiniteLoss(f"{what}; the model state is not finite either ({_names(broken)}), so skipping cannot "
-                                f"help; the last good checkpoint is {self._last_good()}")
-        self.state.skipped_nonfinite += 1
-        logger.warning("skipped step %d (%d of at most %d non-finite steps): %s", step, self.state.skipped_nonfinite,
-                       cfg.skip_nonfinite, what)
-        if self.acc.is_main_process:
-            json_terms = [{k: (v if math.isfinite(v) else str(v)) for k, v in t.items()} for t in terms]
-            row = {"step": step, "epoch": self.state.epoch, "skipped_nonfinite": self.state.skipped_nonfinite,
-                   "terms": json_terms if len(json_terms) > 1 else json_terms[0]}
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        self.acc.log({"skipped_nonfinite": self.state.skipped_nonfinite}, step=step)
-
-    def _loss_terms(self, out: dict) -> list[dict]:
-        """What the method returned (``loss`` and its other scalars), per process: ``[{name: float}]``."""
-        names = list(out)
-        values = torch.stack([out[k].detach().float().reshape(()) for k in names])[None]  # [1, T]
-        if self.acc.num_processes > 1:
-            values = self.acc.gather(values)  # [P, T]
-        return [dict(zip(names, row)) for row in values.tolist()]
-
-    def _nonfinite_tensors(self) -> list[str]:
-        """This process's parameters and buffers (key encoder, queue, BN statistics too) that hold NaN or inf."""
-        method = self.acc.unwrap_model(self.model)
-        named = list(method.named_parameters()) + list(method.named_buffers())
-        return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-    def _count_processes(self, flag) -> int:
-        """On how many processes ``flag`` holds (a collective when there are several: every process calls it)."""
-        t = torch.as_tensor(flag, dtype=torch.float32, device=self.acc.device)
-        if self.acc.num_processes > 1:
-            t = self.acc.reduce(t, "sum")
-        return int(t.item())
-
-    def _count_each(self, *flags: bool) -> list[int]:
-        """On how many processes each flag holds: one collective for all of them (none, and no device
-        synchronisation, with a single process). Every process calls it."""
-        if self.acc.num_processes == 1:
-            return [int(bool(f)) for f in flags]
-        t = torch.tensor([float(bool(f)) for f in flags], device=self.acc.device)
-        return [int(v) for v in self.acc.reduce(t, "sum").tolist()]
-
-    def _last_good(self) -> str:
-        """The newest checkpoint whose content matches its recorded hashes (a corrupt one never counts)."""
-        for ckpt in reversed(list_checkpoints(self.run_dir)):
-            problem = checkpoint_problem(ckpt, verify=True)
-            if problem is None:
-                return str(ckpt)
-            logger.warning("checkpoint %s is corrupt: %s", ckpt, problem)
-        return f"none yet (in {self.run_dir / CKPT_DIR})"
-
-    def _skipped_images_file(self) -> str:
-        if self.acc.num_processes == 1:
-            return "skipped_images.txt"
-        return f"skipped_images.rank{self.acc.process_index}.txt"
-
-    def _record_skipped(self, reasons: list) -> None:
-        """Unreadable images are dropped from their batch; each is logged and listed in the run directory."""
-        if not reasons:
-            return
-        self.skipped_images += len(reasons)
-        step = self.state.step + 1  # the step this batch is for, numbered as in metrics.jsonl
-        with open(self.run_dir / self._skipped_images_file(), "a") as f:
-            for r in reasons:
-                logger.warning("skipped unreadable image at step %d: %s", step, r)
-                f.write(f"step {step}\t{r}\n")
 
     def export(self) -> Path:
         """Backbone alone, plain timm keys, beside timm's config.json (and the projection head, if any)."""
