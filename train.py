@@ -1,12 +1,18 @@
 #!/usr/bin/env python
 """Train with SCAN (Supervised Contrastive Adjustment in Neighborhood, Wei et al.) or a baseline.
 
-    accelerate launch train.py                       # the paper's pipeline on the embedded digit scenes
-    accelerate launch train.py --method moco --data /path/to/imagenet --config configs/moco_v2_in1k.yaml
-    accelerate launch --multi_gpu --num_processes 2 train.py --max-steps 5 --output-dir runs/smoke
+    scan-zoo-launch train.py                         # the paper's pipeline on the embedded digit scenes
+    scan-zoo-launch train.py --data /path/to/imagefolder   # the same pipeline with the ImageNet recipes
+    scan-zoo-launch train.py --method moco --data /path/to/imagenet --config moco_v2_in1k
+    scan-zoo-launch --multi_gpu --num_processes 2 train.py --max-steps 5 --output-dir runs/smoke
 
-Every option is a field of scan_zoo.train.config.TrainConfig; `--config` reads a YAML recipe and the
-command line overrides it. Not SCAN clustering (Van Gansbeke et al., 2020).
+Every option is a field of scan_zoo.train.config.TrainConfig; `--config` reads a YAML recipe (a name
+shipped in scan_zoo/recipes, or a file) and the command line overrides it. The pipeline (the default
+method) takes each stage's recipe from the data: digits_moco / digits_scan for the embedded digit
+scenes, moco_v2_in1k / scan_in1k (lr scaled linearly to the global batch) for an ImageFolder; the
+defaults below are those the default run uses. `scan-zoo-launch` is `accelerate launch` with a shipped
+one-process config (no warnings) that exits with the script's status (docs/training.md). Not SCAN
+clustering (Van Gansbeke et al., 2020).
 """
 from __future__ import annotations
 
@@ -96,13 +102,15 @@ def run(cfg, args, callbacks) -> None:
     """Train (one method, or the pipeline) and print what was made, on the main process."""
     from accelerate import PartialState
 
-    from scan_zoo.experiments.pipeline import format_knn_table, run_pipeline, run_training
-    from scan_zoo.train.config import load_yaml
+    from scan_zoo.common.recipes import recipe_path
+    from scan_zoo.experiments.pipeline import format_knn_table, format_timings, run_pipeline, run_training
+    from scan_zoo.train.config import RECIPE_FLAGS, load_yaml
 
     if cfg.method == "pipeline":
-        layers = [load_yaml(args.config)] if args.config else []
-        layers.append({k: v for k, v in vars(args).items() if k != "config"})
-        results = run_pipeline(layers, callbacks)
+        layers = [load_yaml(recipe_path(args.config))] if args.config else []
+        layers.append({k: v for k, v in vars(args).items() if k not in RECIPE_FLAGS})
+        results = run_pipeline(layers, getattr(args, "moco_config", None), getattr(args, "scan_config", None),
+                               callbacks)
         if PartialState().is_main_process:
             for stage, r in results.items():
                 if not r["finished"]:
@@ -113,6 +121,7 @@ def run(cfg, args, callbacks) -> None:
                 print("\nexported backbones (plain timm keys):")
                 for stage, r in results.items():
                     print(f"  {stage}: {r['weights']}")
+            print(format_timings(results))
     else:
         r = run_training(cfg, callbacks)
         if PartialState().is_main_process:

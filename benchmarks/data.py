@@ -22,11 +22,11 @@ scaling perfectly over its threads: independent of what else runs on the machine
 
 Two data sets:
 
-1. the embedded default: the digit scenes with the pipeline's first stage, ``configs/digits_moco.yaml``
+1. the embedded default: the digit scenes with the pipeline's first stage, ``scan_zoo/recipes/digits_moco.yaml``
    (MoCo-v2, test_resnet, 128 images of 32 px per step; the SCAN stage has the same augmentation), and
    TrainConfig's defaults for the rest (2 workers, decode cpu). Target: loader / step >= 1.2.
 2. an ImageNet-like JPEG ImageFolder (``--data``, or 256 photo-like 500x375 JPEGs written to a temporary
-   folder) with ``configs/moco_v2_in1k.yaml`` (ResNet-50, 224 px, 32 per process): ``--decode cpu`` (PIL in the
+   folder) with ``scan_zoo/recipes/moco_v2_in1k.yaml`` (ResNet-50, 224 px, 32 per process): ``--decode cpu`` (PIL in the
    workers) and ``--decode device`` (workers read bytes; decoding and augmentation on the training device,
    timed there and added to the step). Without CUDA the device path runs on the CPU as a labelled reference
    and the GPU measurement is skipped.
@@ -77,10 +77,11 @@ def photo_like_jpegs(root: Path, n: int, size=(375, 500), classes: int = 8, qual
 
 
 def make_trainer(recipe: str, overrides: dict):
+    from scan_zoo.common.recipes import recipe_path
     from scan_zoo.train.config import build_config, load_yaml
     from scan_zoo.train.trainer import Trainer
 
-    cfg = build_config(load_yaml(ROOT / "configs" / recipe), overrides)
+    cfg = build_config(load_yaml(recipe_path(recipe)), overrides)
     return Trainer(cfg), cfg
 
 
@@ -261,7 +262,7 @@ def measure_digits(args) -> dict:
     trainer, cfg = make_trainer("digits_moco.yaml", overrides)
     device = trainer.acc.device
     threads = torch.get_num_threads()
-    print(f"== digit scenes (the embedded default): configs/digits_moco.yaml + TrainConfig defaults: {cfg.model}, "
+    print(f"== digit scenes (the embedded default): scan_zoo/recipes/digits_moco.yaml + TrainConfig defaults: {cfg.model}, "
           f"method {cfg.method}, batch {cfg.batch_size}, {cfg.image_size} px, {cfg.num_workers} workers, decode cpu, "
           f"device {device}; {len(trainer.train_base)} training images, {len(trainer.sampler)} steps per epoch")
     trainer.model.train()
@@ -327,7 +328,7 @@ def measure_jpeg(args) -> dict:
     dev_loader, dev_views = train_loader(dataclasses.replace(cfg, decode="device"), trainer.train_base,
                                          trainer.sampler, dev)
     where = "cuda" if dev.type == "cuda" else "the CPU (a reference: no GPU here)"
-    print(f"== JPEG ImageFolder: {what}; configs/moco_v2_in1k.yaml: {cfg.model}, method {cfg.method}, batch "
+    print(f"== JPEG ImageFolder: {what}; scan_zoo/recipes/moco_v2_in1k.yaml: {cfg.model}, method {cfg.method}, batch "
           f"{cfg.batch_size}, {cfg.image_size} px, {cfg.num_workers} workers, device {dev}; decode cpu, and decode "
           f"device on {where}")
     trainer.model.train()

@@ -2,7 +2,6 @@
 YAML and the command line, either make a config or raise one UserError naming each bad field, nothing else;
 sampled valid configs start training; the values found to slip through end in one line and exit 2."""
 import dataclasses
-import glob
 import importlib.util
 import math
 import tempfile
@@ -15,6 +14,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from scan_zoo.common.errors import UserError
+from scan_zoo.common.recipes import list_recipes, recipe_path
 from scan_zoo.common.validation import (
     INT64_MAX,
     Choice,
@@ -158,9 +158,9 @@ def test_every_field_declares_its_type_and_range():
         valid_values(name, spec), invalid_values(name, spec)  # every spec has strategies: the fuzz covers it
 
 
-@pytest.mark.parametrize("recipe", sorted(glob.glob(str(ROOT / "configs" / "*.yaml"))), ids=lambda p: Path(p).name)
+@pytest.mark.parametrize("recipe", list_recipes())
 def test_shipped_recipes_validate(recipe):
-    build_config(load_yaml(recipe))
+    build_config(load_yaml(recipe_path(recipe)))
 
 
 @FAST

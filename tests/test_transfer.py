@@ -173,7 +173,7 @@ def test_bench_parser_defaults():
     args = _bench_parser().parse_args(["bench", "transfer"])
     assert args.methods == ["supervised", "moco", "supcon", "scan", "dsc"] and args.seeds == [0, 1, 2]
     assert args.merge is None
-    assert args.out == "runs/bench/transfer" and args.recipes_dir == "configs" and not args.quick
+    assert args.out == "runs/bench/transfer" and args.recipes_dir is None and not args.quick
     args = _bench_parser().parse_args(["bench", "k-ablation"])
     assert args.ks == ["0", "1", "2", "4", "8", "all"] and args.seed == 0 and args.out == "runs/bench/k_ablation"
     assert [KA.parse_k(k) for k in args.ks] == [0, 1, 2, 4, 8, "all"]
@@ -185,7 +185,7 @@ def test_bench_recipes_exist_and_load():
     from scan_zoo.train.config import build_config, load_yaml
 
     for m in R.METHODS:
-        cfg = build_config(load_yaml(R.recipe_file("configs", m)))
+        cfg = build_config(load_yaml(R.recipe_file(None, m)))
         assert cfg.method == m and cfg.data == "digits"
 
 
@@ -231,7 +231,7 @@ def test_bench_transfer_merge_adds_dsc_without_retraining_the_others(digits_root
     tcfg = T.TransferConfig.quick(num_workers=0, cache_dir="/gone/feature_cache")
     old = {"kind": "transfer", "date": "2026-01-01T00:00:00+00:00", "command": "scan-zoo bench transfer --quick",
            "quick": True, "methods": ["moco"], "seeds": [0], "transfer_settings": tcfg.to_dict(),
-           "recipes": {"moco": {"path": "configs/digits_moco.yaml"}}, "total_seconds": 1.0,
+           "recipes": {"moco": {"path": "scan_zoo/recipes/digits_moco.yaml"}}, "total_seconds": 1.0,
            "runs": [{"method": "moco", "seed": 0, "run_dir": "/gone/seed0/moco", "steps": 3, "trained_now": True,
                      "scores": {key: 50.0 for key, _, _ in T.TASKS}}]}
     base = tmp_path / "old.json"

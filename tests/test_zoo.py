@@ -66,7 +66,7 @@ def test_headless_by_default_and_num_classes_adds_a_head():
 
 
 def test_a_recipe_entry_never_loads_random_weights_silently(lock):
-    with pytest.raises(UserError, match="recipe.*configs/scan_in1k.yaml"):
+    with pytest.raises(UserError, match="recipe.*scan_in1k"):
         timm.create_model("resnet50.scan_in1k", pretrained=True)
 
 
@@ -247,7 +247,7 @@ def test_readme_zoo_table_is_generated_from_the_registry():
 
 def test_public_api():
     assert scan_zoo.list_models("*scan_in1k") == [e.name for e in registry.ENTRIES if e.tag == "scan_in1k"]
-    assert scan_zoo.get_entry("resnet50.scan_in1k").recipe == "configs/scan_in1k.yaml"
+    assert scan_zoo.get_entry("resnet50.scan_in1k").recipe == "scan_in1k"
 
 
 def test_a_small_file_is_read_once_and_its_checked_bytes_are_the_ones_loaded(tmp_path, monkeypatch, lock):

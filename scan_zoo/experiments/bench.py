@@ -71,7 +71,8 @@ def add_parser(subparsers) -> None:
 
 
 def _common(p) -> None:
-    p.add_argument("--recipes-dir", default="configs", help="folder of digits_<method>.yaml (default configs)")
+    p.add_argument("--recipes-dir", default=None,
+                   help="folder of digits_<method>.yaml (default: the recipes shipped in scan_zoo/recipes)")
     p.add_argument("--quick", action="store_true", help=f"smoke test: one seed, {QUICK_STEPS} steps per run, tiny heads")
     p.add_argument("--data-cache", default=None, help="where 'digits' is rendered (default ~/.cache/scan_zoo/digits)")
     p.add_argument("--num-workers", type=int, default=2)

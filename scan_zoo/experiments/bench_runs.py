@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file, write_json
-from scan_zoo.common.paths import CHECKOUT
+from scan_zoo.common.recipes import RECIPES_DIR
 from scan_zoo.eval.transfer import TASKS, TransferConfig
 
 logger = logging.getLogger("scan_zoo.experiments.bench")
@@ -33,15 +33,12 @@ def now() -> str:
 
 
 
-def recipes_root(recipes_dir: str | Path) -> Path:
-    """``recipes_dir`` as given, or (relative and missing here) inside the scan_zoo checkout."""
-    path = Path(recipes_dir)
-    if not path.is_dir() and not path.is_absolute() and (CHECKOUT / path).is_dir():
-        return CHECKOUT / path
-    return path
+def recipes_root(recipes_dir: str | Path | None) -> Path:
+    """``recipes_dir`` as given, or (None) the recipes shipped in the package."""
+    return RECIPES_DIR if recipes_dir is None else Path(recipes_dir)
 
 
-def recipe_file(recipes_dir: str | Path, method: str) -> Path:
+def recipe_file(recipes_dir: str | Path | None, method: str) -> Path:
     path = recipes_root(recipes_dir) / RECIPE.format(method)
     if not path.is_file():
         raise UserError(f"recipe {path} not found (bench recipes are {RECIPE.format('<method>')} in --recipes-dir)")

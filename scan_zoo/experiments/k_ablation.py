@@ -45,7 +45,7 @@ def steps_for(batch_size: int, num_images: int, k: int | str) -> int:
 
 
 def run_k_ablation(ks: Sequence = (0, 1, 2, 4, 8, "all"), seed: int = 0, out: str | Path = "runs/bench/k_ablation",
-                   recipes_dir: str | Path = "configs", moco_run: Optional[str] = None, quick: bool = False,
+                   recipes_dir: str | Path | None = None, moco_run: Optional[str] = None, quick: bool = False,
                    data_cache: Optional[str] = None, num_workers: int = 2, command: Optional[str] = None) -> dict:
     """SCAN at each K from one MoCo run, equal budgets (see the module docstring); scores, plot, results.json."""
     from scan_zoo.data import datasets as data_lib

@@ -50,7 +50,7 @@ def format_table(summary: dict, methods: Sequence[str]) -> str:
 
 
 def run_transfer_bench(methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2),
-                       out: str | Path = "runs/bench/transfer", recipes_dir: str | Path = "configs",
+                       out: str | Path = "runs/bench/transfer", recipes_dir: str | Path | None = None,
                        quick: bool = False, data_cache: Optional[str] = None, num_workers: int = 2,
                        command: Optional[str] = None, merge: Optional[str | Path] = None) -> dict:
     """Train, score and summarise (see the module docstring). Returns what ``results.json`` holds.

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file, write_json
-from scan_zoo.common.paths import RECIPES_DIR
 from scan_zoo.common.readers import read_json_object, read_safetensors, read_yaml_mapping
+from scan_zoo.common.recipes import RECIPES_DIR
 from scan_zoo.eval import probe
 from scan_zoo.models.backbones import CONFIG_NAME, WEIGHTS_NAME, create_backbone, load_strict
 from scan_zoo.train.checkpoints import list_checkpoints

@@ -1,7 +1,7 @@
 """``scan-zoo build-digits``: train, evaluate and ship the zoo's ``*_digits`` weights from their recipes.
 
 Each shipped entry is trained by the project's own pipeline from its committed recipe
-(``configs/zoo_digits_<method>.yaml``; SCAN mines its neighbours with, and starts from, the MoCo entry's
+(``scan_zoo/recipes/digits_<method>.yaml``; SCAN mines its neighbours with, and starts from, the MoCo entry's
 run), evaluated by ``eval_linear.py``'s code (cached linear protocol + kNN), exported into the package
 (``scan_zoo/weights/<name>/``) and its sha256 recorded in the lock file. No number is typed in: the
 model cards and the README table read the ``eval_results.json`` written here.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from scan_zoo.common.errors import UserError
-from scan_zoo.common.paths import CHECKOUT
+from scan_zoo.common.recipes import recipe_path
 from scan_zoo.zoo.registry import ENTRIES, ZooEntry, record
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def train_entry(entry: ZooEntry, work_dir: Path, num_workers: int) -> Path:
     from scan_zoo.train.config import build_config, load_yaml
 
     run_dir = work_dir / entry.name
-    layers = [load_yaml(CHECKOUT / entry.recipe), dict(entry.overrides),
+    layers = [load_yaml(recipe_path(entry.recipe)), dict(entry.overrides),
               {"output_dir": str(run_dir), "resume": "latest", "num_workers": num_workers}]
     if entry.method == "scan":
         moco = next(e for e in ENTRIES if e.shipped and e.method == "moco" and e.arch == entry.arch)

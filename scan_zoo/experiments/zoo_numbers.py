@@ -17,7 +17,6 @@ from pathlib import Path
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file
-from scan_zoo.common.paths import CHECKOUT
 from scan_zoo.eval.probe import (
     LINEAR_TOLERANCE,
     RESULTS_NAME,
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scan_zoo.experiments.zoo_numbers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=None, help="zoo names (default: every shipped entry)")
-    p.add_argument("--readme", default=str(CHECKOUT / "README.md"), help="README whose zoo table is regenerated")
+    p.add_argument("--readme", default="README.md", help="README whose zoo table is regenerated (default: ./README.md, run from the checkout)")
     p.add_argument("--num-workers", type=int, default=2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import yaml
 
 from scan_zoo.common.errors import UserError
+from scan_zoo.common.recipes import PIPELINE_RECIPES, list_recipes, recipe_path
 from scan_zoo.common.validation import (
     FLOAT32_MAX,
     AtLeast,
@@ -29,6 +30,7 @@ from scan_zoo.common.validation import (
 )
 from scan_zoo.train.interrupt import parse_duration, parse_signals
 
+RECIPE_FLAGS = ("config", "moco_config", "scan_config")  # options naming recipes, not config fields
 METHODS = ("pipeline", "supervised", "moco", "supcon", "scan", "dsc")
 DSC_WEIGHT = AtLeast(0, note="DSC's loss weights (instance, pixel, category) must be >= 0 and not all 0")
 
@@ -187,21 +189,47 @@ def build_config(*layers: dict) -> TrainConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --option per config field; only options actually given end up in the namespace."""
-    parser.add_argument("--config", help="YAML recipe; command-line options override its values")
+    """One --option per config field; only options actually given end up in the namespace.
+
+    Each field's help names the default the default run uses: the pipeline (the default method) takes its
+    values from the recipes chosen by the data, so a field those recipes set shows their values."""
+    parser.add_argument("--config", help="YAML recipe: a shipped recipe's name (" + ", ".join(list_recipes())
+                        + ") or a file; command-line options override its values. For the pipeline it is applied "
+                        "over each stage's recipe")
+    for flag, stage in (("--moco-config", "1 (MoCo-v2)"), ("--scan-config", "3 (SCAN)")):
+        parser.add_argument(flag, default=argparse.SUPPRESS, metavar="RECIPE",
+                            help=f"pipeline only: the recipe of stage {stage}, a name or a file (default: chosen by "
+                            f"the data: {_stage_recipes(flag[2:6])})")
     comments, specs = _field_comments(), field_specs(TrainConfig)
+    digits = {stage: load_yaml(recipe_path(name)) for stage, name in PIPELINE_RECIPES["digits"].items()}
     for f in fields(TrainConfig):
         tp = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
         helptext = comments.get(f.name, "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        helptext = f"{helptext} (default: {default}; allowed: {specs[f.name].allowed()})"
+        helptext = f"{helptext} (default: {_default_text(f.name, default, digits)}; allowed: {specs[f.name].allowed()})"
         if tp is bool:
             parser.add_argument(flag, dest=f.name, type=str, nargs="?", const=True,
                                 default=argparse.SUPPRESS, metavar="BOOL", help=helptext)
         else:
             parser.add_argument(flag, dest=f.name, type=str, default=argparse.SUPPRESS,
                                 metavar=tp.__name__.upper(), help=helptext)
+
+
+def _stage_recipes(stage: str) -> str:
+    return (f"{PIPELINE_RECIPES['digits'][stage]} on the digit scenes, "
+            f"{PIPELINE_RECIPES['folder'][stage]} on an ImageFolder")
+
+
+def _default_text(name: str, default, digits: dict) -> str:
+    """The default of one field as the default run sees it: the digits recipes' values where they set it."""
+    if name in ("method", "data"):
+        return str(default)
+    set_by = {stage: layer[name] for stage, layer in digits.items() if name in layer}
+    if not set_by:
+        return str(default)
+    per_stage = ", ".join(f"{PIPELINE_RECIPES['digits'][stage]}: {v}" for stage, v in set_by.items())
+    return f"from the recipe ({per_stage}); {default} for --method other than pipeline without --config"
 
 
 def _field_comments() -> dict:
@@ -218,9 +246,13 @@ def _field_comments() -> dict:
 
 def config_from_args(ns: argparse.Namespace, base: Optional[dict] = None) -> TrainConfig:
     """defaults <- base <- --config file <- explicit command-line options."""
-    cli = {k: v for k, v in vars(ns).items() if k != "config"}
-    file_layer = load_yaml(ns.config) if getattr(ns, "config", None) else {}
-    return build_config(base or {}, file_layer, cli)
+    cli = {k: v for k, v in vars(ns).items() if k not in RECIPE_FLAGS}
+    file_layer = load_yaml(recipe_path(ns.config)) if getattr(ns, "config", None) else {}
+    cfg = build_config(base or {}, file_layer, cli)
+    if cfg.method != "pipeline" and any(hasattr(ns, k) for k in ("moco_config", "scan_config")):
+        raise UserError("--moco-config and --scan-config name the pipeline's stage recipes: "
+                        f"not used with --method {cfg.method}")
+    return cfg
 
 
 def read_saved_config(path: str | Path) -> TrainConfig:

@@ -92,8 +92,8 @@ class ZooEntry:
 
     Args:
         arch: timm architecture. tag: timm pretrained tag. method: training method (train.py --method).
-        recipe: recipe file, relative to the repository root; ``overrides`` are command-line options
-            applied over it (e.g. another ``model``).
+        recipe: a shipped recipe's name (``scan_zoo/recipes/<recipe>.yaml``, ``--config <recipe>``);
+            ``overrides`` are command-line options applied over it (e.g. another ``model``).
         data: what it is (or would be) trained on. preprocess: its evaluation transform.
         shipped: the weights are inside the package (``WEIGHTS_DIR/<name>``), usable offline.
         hf_hub_id: the Hub repository the weights are published to (``None``: none planned).
@@ -169,26 +169,26 @@ def _in1k(arch: str, method: str, tag: str, recipe: str, overrides: tuple = (), 
 
 
 def _digits(method: str, tag: str) -> ZooEntry:
-    return ZooEntry("test_resnet", tag, method, f"configs/digits_{method}.yaml", DIGITS, DIGITS_32,
+    return ZooEntry("test_resnet", tag, method, f"digits_{method}", DIGITS, DIGITS_32,
                     shipped=True, notes="trained by `scan-zoo build-digits` on a 2-core CPU; a demonstration, "
                     "not a transfer backbone")
 
 
 _TABLE7 = "Wei et al. 2020, Table 7: linear probe on ImageNet-1K, ResNet-50"
 ENTRIES: tuple[ZooEntry, ...] = (
-    _in1k("resnet50", "scan", "scan_in1k", "configs/scan_in1k.yaml",
+    _in1k("resnet50", "scan", "scan_in1k", "scan_in1k",
           reported={"linear_top1": 75.0, "linear_top5": 91.6, "source": _TABLE7 + " (SCAN, 400 epochs from MoCo-v2 800)"}),
-    _in1k("resnet50", "moco", "moco_in1k", "configs/moco_v2_in1k.yaml",
+    _in1k("resnet50", "moco", "moco_in1k", "moco_v2_in1k",
           reported={"linear_top1": 71.1, "source": _TABLE7 + " (MoCo-v2, 800 epochs)"}),
-    _in1k("resnet50", "supcon", "supcon_in1k", "configs/supcon_in1k.yaml"),
-    _in1k("resnet50", "supervised", "sup_in1k", "configs/sup_in1k.yaml"),
-    _in1k("resnet50", "dsc", "dsc_in1k", "configs/dsc_in1k.yaml",
+    _in1k("resnet50", "supcon", "supcon_in1k", "supcon_in1k"),
+    _in1k("resnet50", "supervised", "sup_in1k", "sup_in1k"),
+    _in1k("resnet50", "dsc", "dsc_in1k", "dsc_in1k",
           notes="DSC's full paper is not in hand: its dsc_* values are our readings of the abstract (README 'DSC')"),
-    _in1k("resnet18", "scan", "scan_in1k", "configs/scan_in1k.yaml", overrides=(("model", "resnet18"),)),
-    _in1k("resnet101", "scan", "scan_in1k", "configs/scan_in1k.yaml", overrides=(("model", "resnet101"),)),
-    _in1k("wide_resnet50_2", "scan", "scan_in1k", "configs/scan_in1k.yaml",
+    _in1k("resnet18", "scan", "scan_in1k", "scan_in1k", overrides=(("model", "resnet18"),)),
+    _in1k("resnet101", "scan", "scan_in1k", "scan_in1k", overrides=(("model", "resnet101"),)),
+    _in1k("wide_resnet50_2", "scan", "scan_in1k", "scan_in1k",
           overrides=(("model", "wide_resnet50_2"),)),
-    _in1k("vit_small_patch16_224", "scan", "scan_in1k", "configs/scan_in1k.yaml",
+    _in1k("vit_small_patch16_224", "scan", "scan_in1k", "scan_in1k",
           overrides=(("model", "vit_small_patch16_224"),),
           notes="the paper trains ResNets only; this applies the ResNet-50 recipe (SGD) unchanged to ViT-S/16"),
     _digits("scan", "scan_digits"),
