@@ -80,7 +80,8 @@ def skipped(reason: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ throughput
-def throughput(s: dict, gpu: bool, compile_: bool) -> dict:
+def throughput(s: dict, gpu: bool, compile_: bool, deadline: float = math.inf) -> dict:
+    """``deadline`` (perf_counter): compiling stops being worth it past it (the rest is skipped)."""
     import torch
 
     args = argparse.Namespace(model=s["model"], image_size=s["image_size"], batch=s["batch"], k=2,
@@ -92,6 +93,8 @@ def throughput(s: dict, gpu: bool, compile_: bool) -> dict:
         start = time.perf_counter()
         step_bench.run_steps(*runs[m], args)  # warm-up (and the compilation)
         compile_s[m] = round(time.perf_counter() - start, 1)
+        if time.perf_counter() > deadline and m != METHODS[-1]:
+            return skipped(f"compiling {', '.join(compile_s)} took {sum(compile_s.values()):.0f} s: over the budget")
     rates = {m: [] for m in METHODS}
     for r in range(s["repeats"]):
         for m in METHODS[r % 3:] + METHODS[:r % 3]:
@@ -107,8 +110,13 @@ def throughput(s: dict, gpu: bool, compile_: bool) -> dict:
            "repeats": f"{s['repeats']} x {s['steps']} steps"}
     if compile_:
         out["first_steps_s"] = compile_s
-    if not gpu:
-        out["note"] = "CPU, fp32, contiguous: bf16 autocast and channels_last are GPU measurements, skipped"
+    verdict = (f"target {TARGET}: {'met' if out['met'] else 'NOT met'}" if gpu
+               else "toy size: the target is for ResNet-50 at 224 px on a GPU")
+    out["result"] = (f"SCAN {med['scan']:.0f}, MoCo {med['moco']:.0f}, supervised {med['supervised']:.0f} images/s; "
+                     f"SCAN/supervised **{ratio:.3f}** ({verdict})")
+    out["note"] = (f"{s['model']} {s['image_size']} px, {s['batch']} images/step, queue {s['queue']}, "
+                   + ("bf16, channels_last" if gpu else "CPU, fp32 (bf16 and channels_last: GPU only, skipped)")
+                   + (", compiled" if compile_ else ""))
     del runs
     if gpu:
         torch.cuda.empty_cache()
@@ -140,8 +148,10 @@ def decode(tmp: Path, root: Path, s: dict, gpu: bool) -> tuple[dict, dict]:
     jpeg_kb = statistics.mean(f.stat().st_size for f in (root / "train").rglob("*.jpg")) / 1e3
     base = {"images": s["jpegs"], "jpeg": f"{s['jpeg_size'][1]}x{s['jpeg_size'][0]}, mean {jpeg_kb:.0f} kB",
             "batch": cfg.batch_size, "image_size": cfg.image_size, "workers": cfg.num_workers}
+    note = f"{s['jpegs']} JPEGs {base['jpeg']}, batch {cfg.batch_size}, {cfg.image_size} px, {cfg.num_workers} workers"
     out_cpu = {"status": "measured", **base, "loader_images_per_s": round(max(cpu), 1),
-               "per_worker": round(max(cpu) / max(1, cfg.num_workers), 1)}
+               "per_worker": round(max(cpu) / max(1, cfg.num_workers), 1), "note": note,
+               "result": f"{max(cpu):.0f} images/s ({max(cpu) / max(1, cfg.num_workers):.0f} per worker)"}
     if not gpu:
         return out_cpu, skipped("--decode device decodes on the GPU: no CUDA device (or --toy)")
     dev = trainer.acc.device
@@ -158,7 +168,9 @@ def decode(tmp: Path, root: Path, s: dict, gpu: bool) -> tuple[dict, dict]:
     return out_cpu, {"status": "measured", **base, "workers_read_images_per_s": round(max(workers), 1),
                      "device_decode_augment_images_per_s": round(max(aug), 1),
                      "pipeline_bound_images_per_s": round(pipeline, 1),
-                     "ratio_device_cpu": round(pipeline / max(cpu), 2)}
+                     "ratio_device_cpu": round(pipeline / max(cpu), 2), "note": note,
+                     "result": f"{pipeline:.0f} images/s (decode+augment on the GPU {max(aug):.0f}, workers reading "
+                               f"{max(workers):.0f}); device / cpu **{pipeline / max(cpu):.2f}**"}
 
 
 # ------------------------------------------------------------------------------- train.py and resume
@@ -167,7 +179,8 @@ def train_py(run_dir: Path, root: Path, s: dict, gpu: bool, deterministic: bool,
            "--appearance-model", str(ROOT / "scan_zoo" / "weights" / "test_resnet.moco_digits"),
            "--model", "test_resnet", "--image-size", "32", "--eval-resize", "32",
            "--batch-size", str(s["train_batch"]), "--queue-size", str(min(64, s["jpegs"] - 1)), "--k", "2",
-           "--max-steps", str(s["train_steps"]), "--epochs", "100", "--lr", "0.03", "--num-workers", "0",
+           "--max-steps", str(s["train_steps"]), "--epochs", "100", "--lr", "0.03",
+           "--num-workers", str(s["workers"] if gpu else 0),
            "--log-every-steps", "1", "--output-dir", str(run_dir), "--save-every-steps", str(s["train_steps"]),
            "--deterministic", str(deterministic).lower(), *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
@@ -218,7 +231,10 @@ def train_resume(tmp: Path, root: Path, s: dict, gpu: bool) -> dict:
     identical = all(x.dtype == b[k].dtype and bool((x == b[k]).all()) for k, x in a.items())
     finite = bool(losses) and all(math.isfinite(v) for v in losses)
     within = identical or (gpu and diff / scale <= GPU_TOLERANCE)
-    return {"status": "measured", "passed": finite and within, "device": "cuda" if gpu else "cpu",
+    how = "bit-identical" if identical else f"max abs diff {diff:.2e} (relative {diff / scale:.1e})"
+    return {"result": f"**{'passed' if finite and within else 'FAILED'}**: losses finite {finite}, resume {how}",
+            "note": f"train.py SCAN, {n} steps, stopped at {n // 2}, {'cuda, bf16' if gpu else 'cpu, fp32'}",
+            "status": "measured", "passed": finite and within, "device": "cuda" if gpu else "cpu",
             "precision": "bf16 autocast" if gpu else "fp32", "steps": n, "stopped_at": n // 2,
             "losses_logged": len(losses), "finite_losses": finite, "first_last_loss": [losses[0], losses[-1]],
             "bit_identical": identical, "max_abs_diff": diff, "relative_diff": diff / scale,
@@ -257,7 +273,9 @@ def features(s: dict, gpu: bool) -> dict:
         start = time.perf_counter()
         feats, _ = extract_features(backbone, ds, batch_size=256, num_workers=0, progress=False)
         best.append(len(ds) / (time.perf_counter() - start))
-    return {"status": "measured", "model": s["model"], "image_size": s["image_size"], "images": len(ds),
+    return {"result": f"{max(best):.0f} images/s", "note": f"extract_features, {s['model']} {s['image_size']} px, "
+            f"{device}, fp32", "status": "measured", "model": s["model"], "image_size": s["image_size"],
+            "images": len(ds),
             "dim": feats.shape[1], "images_per_s": round(max(best), 1), "device": device,
             "precision": "fp32 (extract_features does not autocast)"}
 
@@ -290,7 +308,9 @@ def mining(s: dict, gpu: bool) -> dict:
         if gpu:
             torch.cuda.synchronize()
         floor_s = time.perf_counter() - start
-    return {"status": "measured", "features": f"{n} x {d} float16, {c} classes of {m}", "k": 2,
+    return {"result": f"mine_neighbors {mine_s:.2f} s; Gram + top-k floor on {device} {floor_s:.3f} s",
+            "note": f"{n} x {d} float16, {c} classes of {m}, K 2; mine_neighbors computes on the CPU",
+            "status": "measured", "features": f"{n} x {d} float16, {c} classes of {m}", "k": 2,
             "mine_neighbors_s": round(mine_s, 2), "mine_neighbors_device": "cpu (scan_zoo.core.neighbors)",
             "gram_topk_floor_s": round(floor_s, 3), "floor_device": device,
             "ratio_mine_floor": round(mine_s / max(floor_s, 1e-9), 1),
@@ -299,50 +319,12 @@ def mining(s: dict, gpu: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------- report
 def table(res: dict) -> str:
-    sec = res["sections"]
+    """The table for benchmarks/RESULTS.md: each section's ``result`` and ``note``, or why it was not measured."""
     rows = ["| check | result | note |", "|---|---|---|"]
-
-    def row(name, text, note=""):
-        rows.append(f"| {name} | {text} | {note} |")
-
-    for name in ("throughput", "throughput_compile"):
-        t = sec[name]
-        if t["status"] == "measured":
-            ips = t["images_per_s"]
-            row(name, f"SCAN {ips['scan']:.0f}, MoCo {ips['moco']:.0f}, supervised {ips['supervised']:.0f} images/s;"
-                f" SCAN/supervised **{t['ratio_scan_supervised']:.3f}** ("
-                + (f"target {TARGET}: {'met' if t['met'] else 'NOT met'})" if t["met"] is not None
-                   else "toy size: the target is for ResNet-50 at 224 px on a GPU)"),
-                f"{t['model']} {t['image_size']} px, {t['batch_images']} images/step, queue {t['queue']}"
-                + (", bf16, channels_last" if t["bf16"] else ", fp32") + (", compiled" if t["compile"] else ""))
-        else:
-            row(name, t["status"], t["reason"])
-    for name, key in (("decode_cpu", "loader_images_per_s"), ("decode_device", "pipeline_bound_images_per_s")):
-        t = sec[name]
-        if t["status"] == "measured":
-            extra = (f"; decode+augment on the GPU {t['device_decode_augment_images_per_s']:.0f}, workers reading "
-                     f"{t['workers_read_images_per_s']:.0f}; device / cpu **{t['ratio_device_cpu']}**"
-                     if name == "decode_device" else f" ({t['per_worker']:.0f} per worker)")
-            row(name, f"{t[key]:.0f} images/s{extra}", f"{t['images']} JPEGs {t['jpeg']}, batch {t['batch']}, "
-                f"{t['image_size']} px, {t['workers']} workers")
-        else:
-            row(name, t["status"], t["reason"])
-    t = sec["train_resume"]
-    if t["status"] == "measured":
-        how = "bit-identical" if t["bit_identical"] else f"max abs diff {t['max_abs_diff']:.2e}"
-        row("train_resume", f"**{'passed' if t['passed'] else 'FAILED'}**: losses finite {t['finite_losses']}, "
-            f"resume {how}", f"train.py SCAN, {t['steps']} steps, stopped at {t['stopped_at']}, {t['device']}, "
-            f"{t['precision']}")
-    else:
-        row("train_resume", t["status"], t["reason"])
-    t = sec["features"]
-    row("features", f"{t['images_per_s']:.0f} images/s" if t["status"] == "measured" else t["status"],
-        f"extract_features, {t['model']} {t['image_size']} px, {t['device']}, {t['precision']}"
-        if t["status"] == "measured" else t["reason"])
-    t = sec["mining"]
-    row("mining", f"mine_neighbors {t['mine_neighbors_s']} s; Gram + top-k floor on {t['floor_device']} "
-        f"{t['gram_topk_floor_s']} s" if t["status"] == "measured" else t["status"],
-        f"{t['features']}, K 2, {t['mine_neighbors_device']}" if t["status"] == "measured" else t["reason"])
+    for name, t in res["sections"].items():
+        measured = t["status"] == "measured"
+        result, note = (t["result"], t["note"]) if measured else (t["status"], t["reason"])
+        rows.append(f"| {name} | {result} | {note} |")
     return "\n".join(rows)
 
 
@@ -352,8 +334,8 @@ def main() -> int:
     p.add_argument("--out", default="gpu_check.json", help="JSON file written")
     p.add_argument("--toy", action="store_true", help="toy sizes on the CPU, even when a GPU is there")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
-    p.add_argument("--budget", type=float, default=420.0,
-                   help="seconds: sections not started by then are skipped (default 420)")
+    p.add_argument("--budget", type=float, default=360.0,
+                   help="seconds: sections not started by then are skipped; compiling stops (default 360)")
     args = p.parse_args()
 
     import torch
@@ -384,12 +366,6 @@ def main() -> int:
 
     try:
         run("throughput", throughput, s, gpu, False)
-        if not gpu:
-            sec["throughput_compile"] = skipped("torch.compile is a GPU measurement here (no CUDA device, or --toy)")
-        elif args.no_compile:
-            sec["throughput_compile"] = skipped("--no-compile")
-        else:
-            run("throughput_compile", throughput, s, gpu, True)
         root = jpeg_folder(tmp, s)
         run("decode", lambda: dict(zip(("status", "cpu", "device"), ("measured", *decode(tmp, root, s, gpu)))))
         both = sec.pop("decode")
@@ -400,6 +376,12 @@ def main() -> int:
         run("train_resume", train_resume, tmp, root, s, gpu)
         run("features", features, s, gpu)
         run("mining", mining, s, gpu)
+        if not gpu:  # last: compiling three ResNet-50 methods takes minutes
+            sec["throughput_compile"] = skipped("torch.compile is a GPU measurement here (no CUDA device, or --toy)")
+        elif args.no_compile:
+            sec["throughput_compile"] = skipped("--no-compile")
+        else:
+            run("throughput_compile", throughput, s, gpu, True, t0 + args.budget)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"machine": machine, "sizes": s, "sections": sec,
