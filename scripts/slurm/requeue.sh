@@ -30,7 +30,8 @@ _should_requeue() {  # status notice -> 0 when the job is to be requeued
 run_requeueable() {
     "$@" &
     local pid=$! rc
-    trap '_log "USR1: preemption notice, passed on to the job step"; PREEMPT_NOTICE=1; kill -USR1 '"$pid"' 2>/dev/null' USR1
+    trap '_log "USR1: preemption notice, passed on to the job step"; PREEMPT_NOTICE=1
+          kill -USR1 '"$pid"' 2>/dev/null' USR1
     trap '_log "TERM: preempted by the scheduler"; PREEMPT_NOTICE=1' TERM
     while true; do
         wait "$pid"
