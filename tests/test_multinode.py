@@ -9,6 +9,7 @@ status 4, and ``--resume latest`` then finishes the run identically. Thread coun
 so every launcher computes in the same order.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -205,34 +206,70 @@ def test_two_machine_accelerate_launch_train_and_resume(data, reference, tmp_pat
     assert_same_state(run, model_state(reference))
 
 
+def paused_at_step_3(data: Path, run: Path, logs: Path, timeout: int, procs: list) -> tuple[int, Path, Path]:
+    """Start a 2-node torchrun run (its launchers appended to ``procs``) and wait until it waits after step 3, its
+    step-2 checkpoint written; returns the pid of node 1's process and the markers holding node 1's and node 0's."""
+    procs += start_nodes("torchrun", ["train.py", *scan_args(data, run, "--dist-timeout", str(timeout))], logs,
+                         env={"SCAN_ZOO_TEST_PAUSE": "step:3"})  # every process waits after step 3
+    markers = [run / f".paused_step_3.{rank}" for rank in range(2)]
+    wait_for(markers, procs, logs)
+    by_pid = {int(m.read_text()): m for m in markers}
+    node1_child = next(pid for pid in by_pid if parent_of(pid) == procs[1].pid)
+    return node1_child, by_pid[node1_child], next(m for pid, m in by_pid.items() if pid != node1_child)
+
+
+def one_line_then_launcher_report(err: str, reason: str) -> None:
+    """Node 0's stderr: one line of ours naming the loss (``reason``, a regex), nothing of our process after it (no traceback), then
+    torchrun's own report of its worker's exit status 4 (its ChildFailedError traceback, the only one)."""
+    ours = [line for line in err.splitlines() if line.startswith("train.py:")]
+    assert len(ours) == 1 and "lost contact with another process" in ours[0], err[-3000:]
+    assert re.search(reason, ours[0], re.IGNORECASE), ours[0]
+    assert "exitcode: 4" in err, err[-3000:]
+    before_report = err.split("exitcode: 4")[0]
+    assert "Traceback" not in before_report and ours[0] == before_report.splitlines()[-2], err[-3000:]
+
+
 @pytest.mark.slow
 def test_killed_node_ends_the_other_in_one_line_and_resume_finishes(data, reference, tmp_path):
     run, logs = tmp_path / "run", tmp_path / "logs"
-    procs = start_nodes("torchrun", ["train.py", *scan_args(data, run, "--dist-timeout", "30")], logs,
-                        env={"SCAN_ZOO_TEST_PAUSE": "step:3"})  # every process waits after step 3
-    markers = [run / f".paused_step_3.{rank}" for rank in range(2)]
+    procs = []
     try:
-        wait_for(markers, procs, logs)
-        lost = {int(m.read_text()): m for m in markers}
-        node1_child = next(pid for pid in lost if parent_of(pid) == procs[1].pid)
-        sigkill(procs[1], [lost.pop(node1_child)])  # node 1: its torchrun and its process
-        next(iter(lost.values())).unlink()  # node 0 goes on, to a collective with nobody on the other side
+        _, node1_marker, node0_marker = paused_at_step_3(data, run, logs, 30, procs)
+        sigkill(procs[1], [node1_marker])  # node 1: its torchrun and its process
+        node0_marker.unlink()  # node 0 goes on, to a collective with nobody on the other side
         code = procs[0].wait(timeout=90)
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    err = (logs / "node0.err").read_text()
-    ours = [line for line in err.splitlines() if line.startswith("train.py:")]
-    assert len(ours) == 1 and "lost contact with another process" in ours[0], err[-3000:]
-    assert code != 0 and "exitcode: 4" in err, err[-3000:]  # our status, in torchrun's report of its worker
-    # everything of our process comes before torchrun's report, the one traceback of the file
-    before_report = err.split("exitcode: 4")[0]
-    assert "Traceback" not in before_report and ours[0] in before_report.splitlines()[-2:], err[-3000:]
+    assert code != 0
+    one_line_then_launcher_report((logs / "node0.err").read_text(), "connection (closed|reset) by peer")
     assert [c.name for c in sorted((run / "checkpoints").glob("step_*"))] == ["step_00000002"]
 
     run_nodes("torchrun", ["train.py", *scan_args(data, run, "--resume", "latest")], tmp_path / "resume")
     assert_same_state(run, model_state(reference))
+
+
+@pytest.mark.slow
+def test_silent_node_ends_the_other_after_dist_timeout(data, tmp_path):
+    """A node that stops answering (SIGSTOP: its sockets stay open, as when a machine freezes or the network
+    splits) ends the other after --dist-timeout, in the same one line."""
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    procs, node1_child = [], None
+    try:
+        node1_child, _, node0_marker = paused_at_step_3(data, run, logs, 8, procs)
+        os.kill(node1_child, signal.SIGSTOP)
+        os.killpg(procs[1].pid, signal.SIGSTOP)
+        node0_marker.unlink()
+        code = procs[0].wait(timeout=90)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        if node1_child is not None:
+            os.kill(node1_child, signal.SIGKILL)
+    assert code != 0
+    one_line_then_launcher_report((logs / "node0.err").read_text(), "timed out waiting 8000 ?ms")
 
 
 def wait_for(markers: list[Path], procs: list[subprocess.Popen], logs: Path) -> None:
@@ -253,7 +290,7 @@ def parent_of(pid: int) -> int:
 def test_peer_lost_names_only_lost_peers():
     from scan_zoo.common.distributed import peer_lost
 
-    assert peer_lost(ValueError("connection closed by peer")) is None
+    assert peer_lost(ValueError("connection (closed|reset) by peer")) is None
     assert peer_lost(RuntimeError("DataLoader worker timed out")) is None  # one process: not a peer's doing
     line = peer_lost(dist.DistNetworkError("Failed to recv, got 0 bytes.\nException raised from recvBytes at x"))
     assert line == "Failed to recv, got 0 bytes."
