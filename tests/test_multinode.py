@@ -4,9 +4,9 @@
 Checked: the processes sit on distinct nodes and shuffle-BN hands each rows of the other; the queue holds the keys
 of both nodes; mining across the nodes gives the single-process table; the checkpoint resumes under the same
 2-node launch, under ``accelerate launch`` on two machines and under a single-node 2-process launch to the
-weights of the uninterrupted run, bit for bit; a node killed mid-run ends the other with one line and exit
-status 4, and ``--resume latest`` then finishes the run identically. Thread counts are pinned (OMP_NUM_THREADS=1)
-so every launcher computes in the same order.
+weights of the uninterrupted run, bit for bit; a node killed mid-run, or silent for longer than --dist-timeout,
+ends the other with one line and exit status 4, and ``--resume latest`` then finishes the run identically.
+Thread counts are pinned (OMP_NUM_THREADS=1) so every launcher computes in the same order.
 """
 import os
 import re
@@ -103,39 +103,29 @@ def resumable_copy(reference: Path, to: Path) -> Path:
 
 
 PROBE = textwrap.dedent("""
-    import os, sys, time
+    import os, sys
     from pathlib import Path
     import torch
     from scan_zoo.common import distributed as D
     from scan_zoo.train.trainer import make_accelerator
 
     out = Path(sys.argv[1])
-    acc = make_accelerator(out, log_with=None, dist_timeout=2)  # the process group training uses
+    make_accelerator(out, log_with=None)  # the process group training uses
     rank = D.rank()
     x = torch.stack([torch.full((3,), float(rank)), torch.arange(3.0) + 10 * rank], 1)  # [3, 2]: (rank, row id)
     got = []
     for step in range(4):  # MoCo's shuffle-BN seeds, one per step
         shuffled, idx, sizes = D.shuffle_across(x, torch.Generator().manual_seed(step))
         got.append((shuffled, D.unshuffle_across(shuffled, idx, sizes)))
-    result = {"rank": rank, "node": os.environ["GROUP_RANK"], "x": x, "got": got}
-    if rank == 1:
-        time.sleep(5)  # silent for longer than --dist-timeout, but alive
-    else:
-        try:
-            D.gather_sizes(1, acc.device)
-            result["timeout"] = None
-        except RuntimeError as e:
-            result["timeout"] = D.peer_lost(e)
-    torch.save(result, out / f"probe{rank}.pt")
-    sys.stdout.flush()
-    os._exit(0)  # a process group whose peer timed out is left as it is
+    torch.save({"rank": rank, "node": os.environ["GROUP_RANK"], "x": x, "got": got}, out / f"probe{rank}.pt")
+    torch.distributed.destroy_process_group()
 """)
 
 
 @pytest.mark.slow
-def test_processes_on_two_nodes_shuffle_bn_across_them_and_time_out(tmp_path):
+def test_processes_on_two_nodes_and_shuffle_bn_across_them(tmp_path):
     """The process group the trainer makes spans both nodes: shuffle-BN gives each process rows of the other,
-    unshuffle returns its own; a peer silent for longer than ``dist_timeout`` fails the collective, recognised."""
+    unshuffle returns its own."""
     (tmp_path / "probe.py").write_text(PROBE)
     run_nodes("torchrun", [str(tmp_path / "probe.py"), str(tmp_path)], tmp_path / "logs")
     r = [torch.load(tmp_path / f"probe{i}.pt", weights_only=True) for i in range(2)]
@@ -149,7 +139,6 @@ def test_processes_on_two_nodes_shuffle_bn_across_them_and_time_out(tmp_path):
     assert crossed == [True, True]
     rows = sorted(tuple(v.tolist()) for p in r for row in [p["got"][0][0]] for v in row)
     assert rows == sorted(tuple(v.tolist()) for p in r for v in p["x"])  # the global batch, each row once
-    assert r[0]["timeout"] is not None and "timed out" in r[0]["timeout"].lower(), r[0]["timeout"]
 
 
 def naive_queue_labels(data: Path, run: Path) -> torch.Tensor:
@@ -257,7 +246,7 @@ def test_silent_node_ends_the_other_after_dist_timeout(data, tmp_path):
     run, logs = tmp_path / "run", tmp_path / "logs"
     procs, node1_child = [], None
     try:
-        node1_child, _, node0_marker = paused_at_step_3(data, run, logs, 8, procs)
+        node1_child, _, node0_marker = paused_at_step_3(data, run, logs, 15, procs)
         os.kill(node1_child, signal.SIGSTOP)
         os.killpg(procs[1].pid, signal.SIGSTOP)
         node0_marker.unlink()
@@ -269,7 +258,7 @@ def test_silent_node_ends_the_other_after_dist_timeout(data, tmp_path):
         if node1_child is not None:
             os.kill(node1_child, signal.SIGKILL)
     assert code != 0
-    one_line_then_launcher_report((logs / "node0.err").read_text(), "timed out waiting 8000 ?ms")
+    one_line_then_launcher_report((logs / "node0.err").read_text(), "timed out waiting 15000 ?ms")
 
 
 def wait_for(markers: list[Path], procs: list[subprocess.Popen], logs: Path) -> None:
