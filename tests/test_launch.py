@@ -1,6 +1,7 @@
 """`scan-zoo-launch`: accelerate's launcher without its config warnings, passing the script's exit status on."""
 import os
 
+import pytest
 from helpers import COMMON, PYTHON, free_port, run_cli
 
 from scan_zoo.common.launch import launch_args
@@ -31,6 +32,7 @@ def test_the_shipped_config_is_added_only_when_the_user_has_none():
     assert ACCELERATE_CONFIG.is_file()
 
 
+@pytest.mark.slow  # a launcher and a child interpreter: 20-50 s on a busy 2-core CPU
 def test_a_bad_option_exits_2_with_one_line(tmp_path):
     out = run_cli([*LAUNCH, "train.py", "--epochs", "-1"], env=clean_home(tmp_path))
     assert out.returncode == 2
@@ -39,6 +41,7 @@ def test_a_bad_option_exits_2_with_one_line(tmp_path):
     assert out.returncode == 2 and len(lines(out.stderr)) == 1  # -q changes nothing
 
 
+@pytest.mark.slow  # a launcher and a child interpreter: 20-50 s on a busy 2-core CPU
 def test_two_processes_pass_the_status_on(tmp_path):
     out = run_cli([*LAUNCH, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
                    "train.py", "--epochs", "-1"], env=clean_home(tmp_path))
@@ -46,6 +49,7 @@ def test_two_processes_pass_the_status_on(tmp_path):
     assert "Traceback" not in out.stderr and "warn" not in out.stderr.lower()
 
 
+@pytest.mark.slow  # a launcher and a child interpreter: 20-50 s on a busy 2-core CPU
 def test_plain_accelerate_launch_loses_the_status(tmp_path):
     """What docs/training.md says of plain `accelerate launch`: exit 1 and a traceback (its launcher's doing)."""
     out = run_cli([*LAUNCH[:1], "-m", "accelerate.commands.launch", "train.py", "--epochs", "-1"],
@@ -54,6 +58,7 @@ def test_plain_accelerate_launch_loses_the_status(tmp_path):
     assert "were not passed to `accelerate launch`" in out.stderr
 
 
+@pytest.mark.slow  # a launcher and a child interpreter: 20-50 s on a busy 2-core CPU
 def test_a_tiny_launch_prints_no_warning(tmp_path, tiny_data):
     out = run_cli([*LAUNCH, "train.py", "--method", "moco", "--data", str(tiny_data), *COMMON, "--batch-size", "8",
                    "--queue-size", "16", "--max-steps", "2", "--output-dir", str(tmp_path / "run")],

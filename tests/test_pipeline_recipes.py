@@ -48,7 +48,7 @@ def test_scaled_lr_is_proportional_to_the_global_batch():
 
 def test_stage_config_scales_the_imagenet_lr_and_reports_what_differs(tmp_path):
     moco, scan = raw("moco_v2_in1k"), raw("scan_in1k")
-    assert reference_processes(recipe_path("moco_v2_in1k")) == moco["_meta"]["processes"] == 8
+    assert reference_processes(recipe_path("moco_v2_in1k")) == moco["_meta"]["processes"]["value"] == 8
     assert reference_processes(recipe_path("digits_moco")) is None
     fixed = {"method": "moco", "output_dir": str(tmp_path / "moco")}
     # the recipe's own process count: its lr as written
@@ -87,6 +87,7 @@ def test_help_shows_the_defaults_the_default_run_uses():
     assert "--moco-config RECIPE" in text and "--scan-config RECIPE" in text
 
 
+@pytest.mark.slow  # the whole pipeline, two short stages
 def test_pipeline_on_an_image_folder_prints_the_imagenet_recipes(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=16)
     out = run_cli([PYTHON, "train.py", "--data", str(data), "--output-dir", str(tmp_path / "run"), *COMMON,
