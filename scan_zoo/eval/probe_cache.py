@@ -17,7 +17,7 @@ from scan_zoo.eval.linear import fixed_threads
 from scan_zoo.eval.probe_config import ProbeConfig, eval_transform
 from scan_zoo.models import features as features_lib
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("scan_zoo.eval.probe")  # the name docs/robustness.md quotes in its warning
 
 CACHE_FORMAT = 2  # bump when what a cache file holds changes
 

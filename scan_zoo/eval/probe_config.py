@@ -61,9 +61,9 @@ DIGITS_CROP_SCALE_MIN = 0.5  # 32-px digit scenes: smaller crops are stroke frag
 LR_DECAY = 0.1  # main_lincls.py: lr x 0.1 at each milestone
 CROP_SCALE = Range(0, 1, lo_open=True, note="crop scale must satisfy 0 < min <= max <= 1")
 # Points of linear top-1 a re-run may differ by. On one machine 0: the probe is bit-identical at any thread count.
-# Another CPU's kernels round the features differently; one-ulp feature changes moved linear top-1 (SGD at lr 30
-# for 100 epochs amplifies them) by up to 0.28 points on the shipped digits entries.
-LINEAR_TOLERANCE = 0.3
+# Another CPU's kernels round the features differently; one-ulp changes of the train features moved linear top-1
+# (SGD at lr 30 for 100 epochs amplifies them) by up to 0.63 points on the shipped digits entries.
+LINEAR_TOLERANCE = 0.7
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # kNN beside every protocol (and in the training pipeline's table)
 
 
@@ -183,6 +183,7 @@ def protocol_settings(cfg: ProbeConfig) -> dict:
             "crop_scale": [cfg.crop_scale_min, cfg.crop_scale_max] if cfg.protocol == "moco" else None,
             "interpolation": "bilinear", "mean": list(cfg.mean), "std": list(cfg.std),
             "classifier": "linear on raw pooled features, weight ~ N(0, 0.01), bias 0",
+            "arithmetic": "linear layer in float64; features, linear layer and kNN on 1 CPU thread",
             "backbone": "frozen, eval mode (BN statistics frozen)", "reported": "last epoch", "seed": cfg.seed}
 
 

@@ -72,7 +72,7 @@ def reproduce_text(results: dict) -> str:
         rep = r.get("reproduce") if isinstance(r, dict) else None
         if rep:
             lines.append(f"\nReproduce: `{rep['command']}` prints these numbers: kNN exactly, linear top-1 within "
-                         f"{rep['linear_top1_tolerance']:.2f} points ({rep['note']}).\n")
+                         f"{rep['linear_top1_tolerance']:.2f} points; {rep['note']}.\n")
     return "".join(dict.fromkeys(lines))
 
 
@@ -160,8 +160,8 @@ def zoo_table() -> str:
     reps = [r["reproduce"] for e in ENTRIES for r in e.metrics.values() if isinstance(r, dict) and "reproduce" in r]
     if reps:
         tol = max(r["linear_top1_tolerance"] for r in reps)
-        lines += ["", f"Measured numbers: `python eval_linear.py NAME` re-measures each (the card prints the command): "
-                      f"kNN exactly, linear top-1 within {tol:.2f} points ({reps[0]['note']})."]
+        lines += ["", f"Measured numbers: `python eval_linear.py NAME` re-measures each, and the card prints the "
+                      f"command: kNN exactly, linear top-1 within {tol:.2f} points; {reps[0]['note']}."]
     return "\n".join(lines)
 
 
