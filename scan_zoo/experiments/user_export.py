@@ -81,7 +81,7 @@ def run_config(run_dir: Path, meta: dict) -> dict:
     """The run's whole config: ``config.yaml`` beside the weights, else the copy inside ``config.json``."""
     path = run_dir / "config.yaml"
     cfg = read_yaml_mapping(path) if path.is_file() else meta.get("config")
-    if not isinstance(cfg, dict) or not cfg.get("method"):
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), str) or not isinstance(cfg.get("data"), str):
         raise UserError(f"{run_dir} records no training config (config.yaml, or scan_zoo.config in {CONFIG_NAME}): "
                         "export needs a run directory written by train.py")
     return cfg
