@@ -186,6 +186,9 @@ def test_the_recipe_diff_names_every_value_that_changes_the_weights():
     facts = recipe_facts(cfg, None)
     assert facts["path"] == "configs/digits_supcon.yaml"
     assert {k for k, _, _ in facts["differences"]} == {"lr", "seed"}  # num_workers cannot change the weights
+    recorded = recipe_facts(cfg, "configs/digits_scan.yaml")  # a recipe the run names is the one compared with
+    assert recorded["path"] == "configs/digits_scan.yaml" and recorded["how"] == "recorded by the run"
+    assert ("method", "supcon", "scan") in recorded["differences"]
     defaults = build_config({"method": "moco"}).to_dict()  # no recipe file: train.py's defaults are closest
     facts = recipe_facts(defaults, None)
     assert facts["path"] is None
