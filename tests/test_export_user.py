@@ -7,6 +7,7 @@ transform from config.json is the transform the card's numbers were measured wit
 import json
 import re
 import shlex
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def test_export_of_an_evaluated_run(digits_run, tmp_path, capsys):
 
     from scan_zoo.data.datasets import eval_transform
 
-    run = digits_run["run"]
+    run = tmp_path / "run"  # a copy: the other tests see the run unevaluated
+    shutil.copytree(digits_run["run"], run)
     p = _eval(str(run), digits_run, "--protocol", "cached", "--epochs", "2", "--milestones", "1")
     assert p.returncode == 0, p.stderr[-2000:]
     results = json.loads((run / "eval_results.json").read_text())
@@ -151,8 +153,11 @@ def test_export_of_an_evaluated_run(digits_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_output_folder_checks(digits_run, tmp_path, capsys):
+def test_output_folder_checks(digits_run, tmp_path, capsys, monkeypatch):
     run = digits_run["run"]
+    monkeypatch.chdir(tmp_path)
+    assert scan_zoo_main(["export", str(run), "--name", NAME]) == 0  # default: under runs/, never the cwd itself
+    assert {"README.md", "config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "runs" / "export" / NAME).iterdir()}
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
@@ -181,7 +186,29 @@ def test_the_recipe_diff_names_every_value_that_changes_the_weights():
     facts = recipe_facts(cfg, None)
     assert facts["path"] == "configs/digits_supcon.yaml"
     assert {k for k, _, _ in facts["differences"]} == {"lr", "seed"}  # num_workers cannot change the weights
+    recorded = recipe_facts(cfg, "configs/digits_scan.yaml")  # a recipe the run names is the one compared with
+    assert recorded["path"] == "configs/digits_scan.yaml" and recorded["how"] == "recorded by the run"
+    assert ("method", "supcon", "scan") in recorded["differences"]
     defaults = build_config({"method": "moco"}).to_dict()  # no recipe file: train.py's defaults are closest
     facts = recipe_facts(defaults, None)
     assert facts["path"] is None
     assert facts["differences"] == [("method", "moco", {f.name: f.default for f in fields(TrainConfig)}["method"])]
+
+
+def test_a_folder_that_is_not_a_train_py_run_is_one_line(tmp_path, capsys):
+    import timm
+
+    from scan_zoo.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from scan_zoo.models.backbones import data_config_for, export_backbone
+
+    bare = tmp_path / "bare"  # weights and config.json, but no training config: a converted or foreign model
+    export_backbone(timm.create_model("test_resnet", num_classes=0), bare,
+                    data_config_for(16, 16, IMAGENET_MEAN, IMAGENET_STD), {"converted_from": "x"})
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("[1, 2]")
+    for run, words in ((bare, "records no training config"), (broken, "config.json"), (tmp_path / "none", "no config.json")):
+        assert scan_zoo_main(["export", str(run), "--name", NAME, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("scan-zoo: error:") and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "o").exists()

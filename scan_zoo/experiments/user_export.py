@@ -81,7 +81,7 @@ def run_config(run_dir: Path, meta: dict) -> dict:
     """The run's whole config: ``config.yaml`` beside the weights, else the copy inside ``config.json``."""
     path = run_dir / "config.yaml"
     cfg = read_yaml_mapping(path) if path.is_file() else meta.get("config")
-    if not isinstance(cfg, dict) or not cfg.get("method"):
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), str) or not isinstance(cfg.get("data"), str):
         raise UserError(f"{run_dir} records no training config (config.yaml, or scan_zoo.config in {CONFIG_NAME}): "
                         "export needs a run directory written by train.py")
     return cfg
@@ -100,14 +100,15 @@ def data_facts(run_dir: Path, cfg: dict, steps) -> dict:
 
 
 def _same(a, b) -> bool:
-    norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)  # noqa: E731 - YAML lists vs tuples
-    return norm(a) == norm(b)
+    """Equal config values; a YAML list equals the same tuple."""
+    return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
 
 
 def recipe_facts(cfg: dict, recorded: str | None) -> dict:
     """The recipe and the values (that change the weights) in which the run's config differs from it.
 
-    ``recorded``: a recipe file the run names; else the shipped ``configs/*.yaml`` of the run's method with
+    ``recorded``: a recipe file the run names (as given, or relative to the checkout); else (or when that
+    file is gone) the shipped ``configs/*.yaml`` of the run's method with
     the fewest differences, or train.py's defaults when those are closer.
     """
     defaults = {f.name: f.default for f in fields(TrainConfig)}
@@ -117,8 +118,9 @@ def recipe_facts(cfg: dict, recorded: str | None) -> dict:
         base = {**defaults, **recipe}
         return [(k, cfg.get(k), base.get(k)) for k in keys if not _same(cfg.get(k), base.get(k))]
 
-    if recorded:
-        return {"path": str(recorded), "how": "recorded by the run", "differences": differences(load_yaml(recorded))}
+    found = [c for c in (Path(recorded), RECIPES_DIR.parent / recorded) if c.is_file()] if recorded else []
+    if found:
+        return {"path": str(recorded), "how": "recorded by the run", "differences": differences(load_yaml(found[0]))}
     candidates = [(len(differences({})), 1, None, "train.py's defaults, no recipe file")]
     for path in sorted(RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []:
         recipe = load_yaml(path)
