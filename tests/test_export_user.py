@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import COMMON, PYTHON, ROOT, run_cli
+from helpers import COMMON, PYTHON, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
 from scan_zoo.cli import main as scan_zoo_main
+from scan_zoo.common.recipes import recipe_path
 
 NAME = "my-org/my-model"
 STEPS = 3
@@ -29,7 +30,7 @@ def digits_run(tmp_path_factory):
     """A 3-step MoCo run on the digit scenes, evaluated once by eval_linear.py (2 epochs)."""
     tmp = tmp_path_factory.mktemp("user_run")
     cache, run = tmp / "digits", tmp / "run"
-    p = run_cli([PYTHON, "train.py", "--method", "moco", "--config", "configs/digits_moco.yaml", "--data", "digits",
+    p = run_cli([PYTHON, "train.py", "--method", "moco", "--config", "digits_moco", "--data", "digits",
                  "--data-cache", str(cache), *COMMON, "--max-steps", str(STEPS), "--batch-size", "8",
                  "--queue-size", "16", "--output-dir", str(run)])
     assert p.returncode == 0, p.stderr[-2000:]
@@ -64,9 +65,9 @@ def _check_card_against_run(card: str, run_dir: Path) -> None:
     command = re.search(r"A command with the same settings:\*\* `([^`]*)`", card).group(1)
     argv = shlex.split(command)[3:]
     recipe = argv[argv.index("--config") + 1]
-    assert recipe == "configs/digits_moco.yaml"
+    assert recipe == "digits_moco"
     flags = {a[2:].replace("-", "_"): v for a, v in zip(argv[::2], argv[1::2]) if a != "--config"}
-    rebuilt = build_config(load_yaml(ROOT / recipe), flags).to_dict()
+    rebuilt = build_config(load_yaml(recipe_path(recipe)), flags).to_dict()
     assert _identity(rebuilt) == _identity(cfg)
     for key in [k for k in flags if k != "data"]:  # each listed override really differs from the recipe
         assert f"`{key}`" in card
@@ -181,13 +182,13 @@ def test_the_recipe_diff_names_every_value_that_changes_the_weights():
     from scan_zoo.experiments.user_export import recipe_facts
     from scan_zoo.train.config import TrainConfig, build_config, load_yaml
 
-    recipe = load_yaml(ROOT / "configs" / "digits_supcon.yaml")
+    recipe = load_yaml(recipe_path("digits_supcon"))
     cfg = build_config(recipe, {"lr": 0.123, "seed": 7, "num_workers": 0}).to_dict()
     facts = recipe_facts(cfg, None)
-    assert facts["path"] == "configs/digits_supcon.yaml"
+    assert facts["path"] == "digits_supcon"
     assert {k for k, _, _ in facts["differences"]} == {"lr", "seed"}  # num_workers cannot change the weights
-    recorded = recipe_facts(cfg, "configs/digits_scan.yaml")  # a recipe the run names is the one compared with
-    assert recorded["path"] == "configs/digits_scan.yaml" and recorded["how"] == "recorded by the run"
+    recorded = recipe_facts(cfg, "digits_scan")  # a recipe the run names is the one compared with
+    assert recorded["path"] == "digits_scan" and recorded["how"] == "recorded by the run"
     assert ("method", "supcon", "scan") in recorded["differences"]
     defaults = build_config({"method": "moco"}).to_dict()  # no recipe file: train.py's defaults are closest
     facts = recipe_facts(defaults, None)

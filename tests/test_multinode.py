@@ -198,8 +198,9 @@ def test_two_machine_accelerate_launch_train_and_resume(data, reference, tmp_pat
 def paused_at_step_3(data: Path, run: Path, logs: Path, timeout: int, procs: list) -> tuple[int, Path, Path]:
     """Start a 2-node torchrun run (its launchers appended to ``procs``) and wait until it waits after step 3, its
     step-2 checkpoint written; returns the pid of node 1's process and the markers holding node 1's and node 0's."""
-    procs += start_nodes("torchrun", ["train.py", *scan_args(data, run, "--dist-timeout", str(timeout))], logs,
-                         env={"SCAN_ZOO_TEST_PAUSE": "step:3"})  # every process waits after step 3
+    # every process waits after step 3 (tests/pause_train.py: train.py with a pausing callback)
+    procs += start_nodes("torchrun", ["tests/pause_train.py", "--pause", "step:3",
+                                      *scan_args(data, run, "--dist-timeout", str(timeout))], logs)
     markers = [run / f".paused_step_3.{rank}" for rank in range(2)]
     wait_for(markers, procs, logs)
     by_pid = {int(m.read_text()): m for m in markers}

@@ -112,4 +112,7 @@ def test_every_readme_snippet_runs(checkout, tmp_path):
                 assert r.returncode == 0, f"README snippet failed (exit {r.returncode}):\n{argv[-1]}\n{r.stderr[-3000:]}"
                 ran.append(argv[-1])
         assert not hub.unexpected()
+        assert any(repo.startswith("my-org/") for repo in hub.repos), "the README's publish uploaded nothing"
+    # a user's own export is published, never recorded in the zoo's lock
+    assert lock.read_bytes() == (ROOT / "scan_zoo" / "zoo_lock.json").read_bytes()
     assert any("publish" in c for c in ran) and any("eval_linear.py" in c for c in ran)

@@ -2,7 +2,7 @@
 
 The linear scaling rule (Goyal et al., "Accurate, Large Minibatch SGD", 2017): when the global batch is
 multiplied by k, multiply the learning rate by k. A recipe states its lr for the global batch it was tuned
-at (``configs/scan_in1k.yaml``: 1.6 for 32 processes x 384 images = 12,288); a run with another number of
+at (``scan_zoo/recipes/scan_in1k.yaml``: 1.6 for 32 processes x 384 images = 12,288); a run with another number of
 processes or another per-process batch keeps the recipe's behaviour by scaling it. ``--lr`` is the lr used,
 as given: train.py does not rescale it, so a launch on another number of processes passes the scaled value.
 """

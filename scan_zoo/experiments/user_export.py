@@ -26,7 +26,7 @@ from pathlib import Path
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file, write_json
 from scan_zoo.common.readers import read_json_object, read_safetensors, read_yaml_mapping
-from scan_zoo.common.recipes import RECIPES_DIR
+from scan_zoo.common.recipes import RECIPES_DIR, recipe_path
 from scan_zoo.eval import probe
 from scan_zoo.models.backbones import CONFIG_NAME, WEIGHTS_NAME, create_backbone, load_strict
 from scan_zoo.train.checkpoints import list_checkpoints
@@ -107,9 +107,9 @@ def _same(a, b) -> bool:
 def recipe_facts(cfg: dict, recorded: str | None) -> dict:
     """The recipe and the values (that change the weights) in which the run's config differs from it.
 
-    ``recorded``: a recipe file the run names (as given, or relative to the checkout); else (or when that
-    file is gone) the shipped ``configs/*.yaml`` of the run's method with
-    the fewest differences, or train.py's defaults when those are closer.
+    ``recorded``: a recipe the run names (a shipped recipe's name or a file); else (or when it cannot be
+    found) the shipped recipe (``scan_zoo/recipes``) of the run's method with the fewest differences, or
+    train.py's defaults when those are closer. A shipped recipe is named by its name, which ``--config`` takes.
     """
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     keys = [k for k in identity_fields() if k in defaults]
@@ -118,9 +118,12 @@ def recipe_facts(cfg: dict, recorded: str | None) -> dict:
         base = {**defaults, **recipe}
         return [(k, cfg.get(k), base.get(k)) for k in keys if not _same(cfg.get(k), base.get(k))]
 
-    found = [c for c in (Path(recorded), RECIPES_DIR.parent / recorded) if c.is_file()] if recorded else []
+    try:
+        found = recipe_path(recorded) if recorded else None
+    except UserError:  # the file the run names is gone
+        found = None
     if found:
-        return {"path": str(recorded), "how": "recorded by the run", "differences": differences(load_yaml(found[0]))}
+        return {"path": str(recorded), "how": "recorded by the run", "differences": differences(load_yaml(found))}
     candidates = [(len(differences({})), 1, None, "train.py's defaults, no recipe file")]
     for path in sorted(RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []:
         recipe = load_yaml(path)
@@ -128,7 +131,7 @@ def recipe_facts(cfg: dict, recorded: str | None) -> dict:
             candidates.append((len(differences(recipe)), 0, path, "the shipped recipe closest to the run's config"))
     count, _, path, how = min(candidates, key=lambda c: c[:2])  # fewest differences; a recipe file wins a tie
     recipe = load_yaml(path) if path else {}
-    return {"path": f"configs/{path.name}" if path else None, "how": how, "differences": differences(recipe)}
+    return {"path": path.stem if path else None, "how": how, "differences": differences(recipe)}
 
 
 def train_command(cfg: dict, recipe: dict) -> str:

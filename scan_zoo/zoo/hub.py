@@ -36,6 +36,7 @@ from scan_zoo.models.backbones import (
 )
 from scan_zoo.zoo.hub_errors import hub_call
 from scan_zoo.zoo.registry import (
+    ENTRIES,
     ZooEntry,
     check_repo_id,
     check_revision,
@@ -293,7 +294,9 @@ def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpo
     ``huggingface-cli login``), that the export's files agree and that the lock file is well formed. The token
     is never printed. The revision recorded is the commit id the server's reply names, and only if it is one
     (40 hex digits); a failed request, a malformed reply or any other revision is one error line and nothing is
-    recorded. Returns ``{"repo_id", "revision", "commit_url", "sha256", "name"}``.
+    recorded. Only a zoo entry's export is recorded in the lock (a user's own ``ORG/MODEL`` export is uploaded,
+    and the lock left alone). Returns ``{"repo_id", "revision", "commit_url", "sha256", "name"}``, and ``"lock"``
+    when it was recorded.
     """
     from huggingface_hub import HfApi, get_token
 
@@ -303,6 +306,8 @@ def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpo
         raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (nothing was uploaded)")
     cfg = verify_export(folder)
     meta = cfg["scan_zoo"]
+    # The lock records the zoo's own entries; a user's export (ORG/MODEL) is published, never recorded there.
+    record_lock = record_lock and any(e.name == meta["name"] for e in ENTRIES)
     if record_lock:
         read_lock(lock_path())  # a lock that cannot take the record is refused before anything is uploaded
     api = HfApi(endpoint=endpoint, token=token)
