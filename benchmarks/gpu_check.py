@@ -16,7 +16,8 @@ Sections (each ``measured``, ``skipped`` with its reason, or ``failed`` with the
 - ``train_resume``: SCAN through the real ``train.py`` (subprocesses): an uninterrupted run, and the same run
   stopped half-way (``--stop-after-steps``) and resumed (``--resume latest``); losses finite, final checkpoint
   weights compared (bit-identical, or on a GPU within the stated tolerance for its nondeterminism). On a GPU
-  the runs use bf16 (``ACCELERATE_MIXED_PRECISION``) and ``--deterministic``.
+  the runs use bf16 (``ACCELERATE_MIXED_PRECISION``) and ``--deterministic`` (rerun without it, and then held to
+  ``GPU_TOLERANCE``, when an op has no deterministic CUDA kernel: the JSON records the refusal).
 - ``features`` / ``mining``: ``scan_zoo.models.features.extract_features`` images/s, and
   ``scan_zoo.core.neighbors.mine_neighbors`` (which computes on the CPU) against the per-class Gram products
   alone on the training device.

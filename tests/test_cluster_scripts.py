@@ -156,6 +156,7 @@ def test_finished_run_is_not_requeued(script, tmp_path):
                                                         "moco_4x8.sbatch": "moco_v2_in1k.yaml"}[script]
 
 
+@pytest.mark.slow  # a Python start per case inside the script: slow on a loaded machine
 @pytest.mark.parametrize("script, nodes, lr", [
     ("scan_4x8.sbatch", 1, 0.4),    # 8 x 384 = 3,072: a quarter of the paper's 1.6
     ("moco_4x8.sbatch", 4, 0.12),   # MoCo-v2's 0.03 for 256; 32 x 32 = 1,024

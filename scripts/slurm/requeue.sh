@@ -2,6 +2,7 @@
 # preemption notice on to it, and requeue the job when the run stopped early with its checkpoint saved.
 #
 #   run_requeueable CMD...   runs CMD (an srun line), waits for it, requeues if needed, returns its status
+#   seconds_left             seconds to the job's time limit (empty if unlimited)
 #
 # Why each part (docs/cluster.md, "Preemption and requeue"):
 # - `#SBATCH --signal=B:USR1@300` sends USR1 to this batch shell only, 300 s before the time limit. bash runs
@@ -27,22 +28,43 @@ _should_requeue() {  # status notice -> 0 when the job is to be requeued
     return 1
 }
 
+_STEP_PID=
+_FORWARDED=0
+_notice() {  # the USR1 trap: note the notice, pass it on once the step runs
+    PREEMPT_NOTICE=1
+    if [[ -n $_STEP_PID && $_FORWARDED -eq 0 ]]; then
+        _FORWARDED=1
+        _log "USR1: preemption notice, passed on to the job step"
+        kill -USR1 "$_STEP_PID" 2>/dev/null
+    fi
+}
+
+# set when this file is sourced: a notice that comes before or while the step starts is not lost (bash's
+# default for USR1 is to exit)
+trap _notice USR1
+trap '_log "TERM: preempted by the scheduler"; PREEMPT_NOTICE=1' TERM
+
 run_requeueable() {
-    "$@" &
-    local pid=$! rc
-    trap '_log "USR1: preemption notice, passed on to the job step"; PREEMPT_NOTICE=1
-          kill -USR1 '"$pid"' 2>/dev/null' USR1
-    trap '_log "TERM: preempted by the scheduler"; PREEMPT_NOTICE=1' TERM
-    while true; do
-        wait "$pid"
-        rc=$?
-        if ! kill -0 "$pid" 2>/dev/null; then  # ended (else wait returned for a trap: wait again)
-            wait "$pid" 2>/dev/null            # the status, if it ended while a trap ran (127: reaped above)
-            local again=$?
-            [[ $again -ne 127 ]] && rc=$again
-            break
-        fi
-    done
+    local rc
+    if [[ $PREEMPT_NOTICE -eq 1 ]]; then  # the notice came before the step: it is not started
+        _log "preemption notice before the job step started: not started"
+        rc=$PREEMPTED_STATUS
+    else
+        "$@" &
+        _STEP_PID=$!
+        local pid=$_STEP_PID
+        [[ $PREEMPT_NOTICE -eq 1 ]] && _notice  # came between the fork and the line above
+        while true; do
+            wait "$pid"
+            rc=$?
+            if ! kill -0 "$pid" 2>/dev/null; then  # ended (else wait returned for a trap: wait again)
+                wait "$pid" 2>/dev/null            # the status, if it ended while a trap ran (127: reaped above)
+                local again=$?
+                [[ $again -ne 127 ]] && rc=$again
+                break
+            fi
+        done
+    fi
     trap - USR1 TERM
     if _should_requeue "$rc" "$PREEMPT_NOTICE"; then
         if [[ ${SLURM_RESTART_COUNT:-0} -ge $REQUEUE_MAX ]]; then
