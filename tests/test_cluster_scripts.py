@@ -46,7 +46,6 @@ def help_flags(cmd: tuple[str, ...]) -> set[str]:
     return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", r.stdout))
 
 
-@pytest.mark.xfail(strict=False, reason="flags land with the preempt/multinode branches")
 @pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
 def test_train_flags_exist(script):
     flags = array_flags(script.read_text(), "TRAIN_ARGS")
@@ -178,15 +177,15 @@ def test_lr_scaled_to_the_launch(script, nodes, lr, tmp_path):
 ])
 def test_scaled_lr_script(recipe, processes, batch, lr, capsys):
     main = runpy.run_path(str(SCRIPTS / "slurm" / "scaled_lr.py"))["main"]
-    argv = [str(ROOT / "configs" / recipe), str(processes)] + (["--batch-size", str(batch)] if batch else [])
+    argv = [str(ROOT / "scan_zoo" / "recipes" / recipe), str(processes)] + (["--batch-size", str(batch)] if batch else [])
     assert main(argv) == 0
     assert float(capsys.readouterr().out) == pytest.approx(lr, rel=1e-9)
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["configs/digits_scan.yaml", "2"], "_meta.processes"),   # no reference batch stated
-    (["configs/no_such.yaml", "2"], "not found"),
-    (["configs/scan_in1k.yaml", "0"], "at least 1"),
+    (["scan_zoo/recipes/digits_scan.yaml", "2"], "_meta.processes"),   # no reference batch stated
+    (["scan_zoo/recipes/no_such.yaml", "2"], "not found"),
+    (["scan_zoo/recipes/scan_in1k.yaml", "0"], "at least 1"),
 ])
 def test_scaled_lr_script_errors(argv, says, capsys):
     main = runpy.run_path(str(SCRIPTS / "slurm" / "scaled_lr.py"))["main"]

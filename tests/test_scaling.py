@@ -8,7 +8,7 @@ import yaml
 from scan_zoo.core.schedules import global_batch, scale_lr
 from scan_zoo.train.config import TrainConfig, load_yaml
 
-SCAN_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "scan_in1k.yaml"
+SCAN_RECIPE = Path(__file__).resolve().parents[1] / "scan_zoo" / "recipes" / "scan_in1k.yaml"
 
 
 def test_paper_setting_gives_paper_lr():

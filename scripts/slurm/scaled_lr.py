@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Print a recipe's lr scaled to the global batch of a launch (linear rule; docs/cluster.md).
 
-    python scripts/slurm/scaled_lr.py configs/moco_v2_in1k.yaml 32 [--batch-size 32]
+    python scripts/slurm/scaled_lr.py scan_zoo/recipes/moco_v2_in1k.yaml 32 [--batch-size 32]
 
 The recipe's ``lr`` is its value for ``_meta.processes`` x ``batch_size`` images per step (the batch it was
 tuned at); the launch runs PROCESSES x per-process batch (``--batch-size``, default the recipe's).
