@@ -119,3 +119,27 @@ def test_hubconf_works_without_the_package_installed(tmp_path):
 def test_torch_hub_create_model_names_an_unknown_entry():
     with pytest.raises(Exception, match="not in the zoo"):
         torch.hub.load(str(ROOT), "create_model", "resnet50.not_a_tag", source="local", trust_repo=True)
+
+
+@pytest.mark.parametrize("entry", SHIPPED, ids=lambda e: e.name)
+def test_timm_transform_of_a_shipped_entry_is_the_one_its_numbers_were_measured_with(entry):
+    """The card, config.json and timm's transform (crop_pct) say what eval_results.json's protocol did."""
+    import re
+
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from scan_zoo.data import datasets as data_lib
+
+    protocol = json.loads((entry.weights_dir / "eval_results.json").read_text())["cached"]["protocol"]
+    resize, crop = map(int, re.fullmatch(r"Resize\((\d+)\) \+ CenterCrop\((\d+)\)", protocol["eval_transform"]).groups())
+    model = timm.create_model(entry.name, pretrained=False)
+    tf = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    measured = data_lib.eval_transform(crop, resize, entry.preprocess.mean, entry.preprocess.std)
+    rng = np.random.default_rng(0)
+    for size in ((32, 32), (40, 50), (64, 33)):  # the digit scenes' size and others
+        img = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+        torch.testing.assert_close(tf(img), measured(img), rtol=0, atol=1e-6)
+    card = (entry.weights_dir / "README.md").read_text()
+    assert f"resize to {resize} px, {crop} px centre crop" in card

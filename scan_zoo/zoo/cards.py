@@ -5,6 +5,8 @@ Nothing here is typed by hand: a number shown is either read from ``eval_results
 """
 from __future__ import annotations
 
+import math
+
 from scan_zoo.zoo.registry import ENTRIES, METHOD_NAMES, PAPERS, ZooEntry
 
 WHICH_SCAN = ("scan_zoo's SCAN is **Supervised Contrastive Adjustment in Neighborhood** (Wei et al., 2020): MoCo-v2 "
@@ -109,7 +111,8 @@ Backbone only: pooled features, no classifier.
 - **Method:** {METHOD_NAMES[entry.method]} - {title} ({arxiv}).
 - **Training data:** {entry.data}.
 - **Training:** `{entry.recipe_command}`; {steps}.
-- **Preprocessing:** {entry.preprocess.image_size} px centre crop (crop_pct {entry.preprocess.crop_pct}),
+- **Preprocessing:** resize to {math.floor(entry.preprocess.image_size / entry.preprocess.crop_pct)} px, \
+{entry.preprocess.image_size} px centre crop (crop_pct {entry.preprocess.crop_pct:.4f}),
   {entry.preprocess.interpolation}, mean {tuple(entry.preprocess.mean)}, std {tuple(entry.preprocess.std)}.
 - **Weights:** `model.safetensors`, sha256 `{sha256}`.
 {('- **Notes:** ' + entry.notes) if entry.notes else ''}

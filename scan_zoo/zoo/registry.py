@@ -52,7 +52,8 @@ class Preprocess:
 
 
 IMAGENET_224 = Preprocess(224, 0.875)  # resize 256, centre crop 224 (MoCo's evaluation transform)
-DIGITS_32 = Preprocess(32, 1.0)  # the digit scenes are already 32 px: the whole image
+DIGITS_32 = Preprocess(32, 32 / 37)  # resize 37, centre crop 32: the transform of every number measured on them
+#   (eval_linear.py validates at crop = input size, resize = crop / 0.875 rounded; timm resizes to floor(32 / crop_pct))
 
 PAPERS = {
     "scan": ("Wei et al., Can Semantic Labels Assist Self-Supervised Visual Representation Learning? (2020)",
