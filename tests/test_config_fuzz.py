@@ -211,7 +211,8 @@ def cheap_valid_configs(draw):
              "max_steps": st.just(1), "num_workers": st.just(0), "decode": st.just("cpu"), "resume": st.none(),
              "neighbors": st.none(), "appearance_model": st.none(), "init_from": st.none(), "data": st.none(),
              "data_cache": st.none(), "output_dir": st.none(), "deterministic": st.just(False),
-             "stop_after_steps": st.none(), "save_every_steps": st.none()}
+             "stop_after_steps": st.none(), "save_every_steps": st.none(),
+             "time_limit": st.none()}  # a limit already spent would stop the run before its step, by design
     values = {}
     for name, spec in SPECS.items():
         strategy = fixed[name] if name in fixed else small[name] if name in small else valid_values(name, spec)

@@ -91,6 +91,17 @@ def check_identity(path: Path, saved: dict, cfg: TrainConfig, fingerprint: dict)
     return identity.check_resume(path, saved_cfg, saved.get("data"), cfg, fingerprint)
 
 
+def check_schedule(path: Path, saved: dict, steps_per_epoch: int, total_steps: int, overridden: bool) -> None:
+    """The checkpoint's epoch length must be this run's (same data, batch size and process count); a changed
+    schedule length is said (unless ``--resume-override`` rebuilds the schedule anyway)."""
+    if saved.get("steps_per_epoch") != steps_per_epoch:
+        raise UserError(f"checkpoint {path} was made with {saved.get('steps_per_epoch')} steps per epoch, "
+                        f"this run has {steps_per_epoch}: same data, batch size and process count needed")
+    if not overridden and saved.get("total_steps") != total_steps:
+        logger.warning("checkpoint %s was made for a %s-step schedule; this run has %d steps (--epochs/--max-steps"
+                       " changed): the cosine schedule changes from here", path, saved.get("total_steps"), total_steps)
+
+
 def apply_override(cfg: TrainConfig, optimizer, scheduler, path: Path, applied: list, metrics: Path | None,
                    step: int) -> None:
     """Continue with the new values: optimiser hyper-parameters and the lr schedule are rebuilt from this

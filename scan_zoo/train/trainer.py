@@ -21,8 +21,8 @@ A run may be killed at any instruction (SIGKILL, preemption, a power cut):
 
 A non-finite loss stops training at once (:class:`NonFiniteLoss`, naming the step and every loss term)
 with the last good checkpoint untouched; ``--skip-nonfinite N`` skips up to N such steps instead (see
-:meth:`scan_zoo.train.step_guards.StepGuards._nonfinite_step` for what a skipped step does), and no checkpoint is ever written from a
-model state holding NaN or infinity.
+:meth:`scan_zoo.train.step_guards.StepGuards._nonfinite_step` for what a skipped step does), and no
+checkpoint is ever written from a model state holding NaN or infinity.
 
 Ctrl-C and preemption (SIGTERM, SIGUSR1, ``--time-limit``) stop the loop between two steps, every process at
 the same step, with a checkpoint (:mod:`scan_zoo.train.interrupt`). The files: the checkpoint's own
@@ -239,9 +239,7 @@ class Trainer(StepGuards):
     def load_checkpoint(self, path: Path) -> None:
         saved = checkpoint_io.read_train_state(path)
         applied = checkpoint_io.check_identity(path, saved, self.cfg, self.data_fingerprint())
-        if saved.get("steps_per_epoch") != self.steps_per_epoch:
-            raise UserError(f"checkpoint {path} was made with {saved.get('steps_per_epoch')} steps per epoch, "
-                            f"this run has {self.steps_per_epoch}: same data, batch size and process count needed")
+        checkpoint_io.check_schedule(path, saved, self.steps_per_epoch, self.total_steps, overridden=bool(applied))
         try:
             self.acc.load_state(str(path))
         except (RuntimeError, KeyError, ValueError, OSError) as e:
@@ -256,10 +254,6 @@ class Trainer(StepGuards):
         if applied:
             checkpoint_io.apply_override(self.cfg, self.optimizer, self.scheduler, path, applied, metrics,
                                          self.state.step)
-        elif saved.get("total_steps") != self.total_steps:
-            logger.warning("checkpoint %s was made for a %s-step schedule; this run has %d steps (--epochs/--max-steps"
-                           " changed): the cosine schedule changes from here", path, saved.get("total_steps"),
-                           self.total_steps)
         logger.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
 
     # ---------------------------------------------------------------------------------- training
