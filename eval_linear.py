@@ -9,7 +9,7 @@ MODEL is anything scan_zoo.models.loading.load_backbone accepts: a run or export
 checkpoint directory, a .safetensors file (--arch names its architecture when no config.json is beside
 it), or a timm name with weights (hf-hub:..., local-dir:..., arch.tag).
 
-Protocols (docs/METHOD.md): `moco` trains a linear layer on augmented crops through the frozen backbone
+Protocols (docs/method.md): `moco` trains a linear layer on augmented crops through the frozen backbone
 (SGD lr 30, momentum 0.9, wd 0, 100 epochs, lr x0.1 at 60 and 80, batch 256); `cached` trains the same
 layer with the same schedule on centre-crop features extracted once and cached on disk. Both report the
 last epoch's top-1/top-5 and a kNN classifier (k = 20, T = 0.07). Results go to <MODEL>/eval_results.json

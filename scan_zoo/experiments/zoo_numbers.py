@@ -58,7 +58,7 @@ def remeasure(entry: ZooEntry, num_workers: int = 2, measure: bool = True) -> di
         result = evaluate_model(entry.name, "digits", cfg)
         for key in PORTABLE_RESULT_KEYS:
             result.pop(key, None)
-        result["weights_sha256"] = entry.facts["sha256"]  # the file just checked: the numbers are of these weights
+        result["weights_sha256"] = entry.facts["sha256"]  # checked above; a timm name reports no weights file
         result["reproduce"] = reproduce_record(entry)
         merged = merge_results(folder / RESULTS_NAME, result)
     else:
