@@ -107,20 +107,19 @@ def run_pipeline(layers: list[dict], moco_config: str | None = None, scan_config
     ``<output_dir>/<stage>``. The main process prints each stage with its step count, recipe and the values
     that differ from it before the stage runs; each stage's wall time is in ``<stage>_seconds``.
     """
-    from accelerate import PartialState
-
     user = {}
     for layer in layers:
         user.update(layer)
     user.pop("method", None)
     out = Path(user.get("output_dir", TrainConfig.output_dir))
-    state = PartialState()
-    say = print if state.is_main_process else (lambda *a, **k: None)
     recipes = stage_recipes(str(user.get("data", TrainConfig.data)), moco_config, scan_config)
     results = {}
+    # the Accelerator first: it forms the process group (gloo on a CPU) that every later state shares
+    dist_timeout = build_config(load_yaml(recipes["moco"]), user, {"method": "moco"}).dist_timeout
+    state = acc = make_accelerator(out / "moco", dist_timeout=dist_timeout)
+    say = print if state.is_main_process else (lambda *a, **k: None)
     moco_cfg, diff = stage_config(recipes["moco"], user, {"method": "moco", "output_dir": str(out / "moco")},
                                   state.num_processes)
-    acc = make_accelerator(Path(moco_cfg.output_dir), dist_timeout=moco_cfg.dist_timeout)
     with run_lock.hold(Path(moco_cfg.output_dir), acc):
         trainer = Trainer(moco_cfg, acc, callbacks=callbacks)
         say(format_stage(1, "MoCo-v2 pretraining", trainer.total_steps, recipes["moco"], diff), flush=True)

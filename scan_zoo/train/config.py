@@ -207,7 +207,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         helptext = comments.get(f.name, "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        helptext = f"{helptext} (default: {_default_text(f.name, default, digits)}; allowed: {specs[f.name].allowed()})"
+        if "default:" in helptext:  # the comment says the default in words (e.g. a path chosen at run time)
+            helptext = f"{helptext} (allowed: {specs[f.name].allowed()})"
+        else:
+            helptext = f"{helptext} (default: {_default_text(f.name, default, digits)}; allowed: {specs[f.name].allowed()})"
         if tp is bool:
             parser.add_argument(flag, dest=f.name, type=str, nargs="?", const=True,
                                 default=argparse.SUPPRESS, metavar="BOOL", help=helptext)
@@ -226,7 +229,7 @@ def _default_text(name: str, default, digits: dict) -> str:
     if name in ("method", "data"):
         return str(default)
     set_by = {stage: layer[name] for stage, layer in digits.items() if name in layer}
-    if not set_by:
+    if all(v == default for v in set_by.values()):
         return str(default)
     per_stage = ", ".join(f"{PIPELINE_RECIPES['digits'][stage]}: {v}" for stage, v in set_by.items())
     return f"from the recipe ({per_stage}); {default} for --method other than pipeline without --config"
