@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.recipes import PIPELINE_RECIPES, recipe_path, reference_processes, scaled_lr
@@ -107,8 +108,6 @@ def run_pipeline(layers: list[dict], moco_config: str | None = None, scan_config
     ``<output_dir>/<stage>``. The main process prints each stage with its step count, recipe and the values
     that differ from it before the stage runs; each stage's wall time is in ``<stage>_seconds``.
     """
-    from accelerate import PartialState
-
     user = {}
     for layer in layers:
         user.update(layer)
