@@ -2,22 +2,41 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
+import logging
+import pickle
 import sys
 from pathlib import Path
 
+from scan_zoo.common.errors import UserError
+from scan_zoo.data import datasets as data_lib
+from scan_zoo.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from scan_zoo.data.digits import render_digits
+from scan_zoo.eval.retrieval import add_parser as add_retrieve_parser
+from scan_zoo.experiments.bench import add_parser as add_bench_parser
+from scan_zoo.experiments.results_page import update_readme
+from scan_zoo.experiments.user_export import export_run
+from scan_zoo.experiments.zoo_build import build_digits
+from scan_zoo.models.backbones import (
+    create_backbone,
+    data_config_for,
+    export_backbone,
+)
+from scan_zoo.models.convert import detect_layout, read_checkpoint, to_detectron2, to_timm
+from scan_zoo.train.mining import check_k, mine_dataset
+from scan_zoo.zoo.cards import headline, metrics_summary
+from scan_zoo.zoo.hub import export, publish
+from scan_zoo.zoo.registry import ENTRIES
+
 
 def _cmd_data(args) -> int:
-    from scan_zoo.data.digits import render_digits
-
     out = render_digits(args.out, renders=args.renders, size=args.size, seed=args.seed)
     print(f"digit scenes written to {out} (train/ and val/ ImageFolder trees, metadata.npz)")
     return 0
 
 
 def _cmd_mine(args) -> int:
-    from scan_zoo.data import datasets as data_lib
-    from scan_zoo.train.mining import check_k, mine_dataset
-
     check_k(args.k)  # before the data are rendered or listed
     root = data_lib.resolve_data_root(args.data, args.data_cache)
     out = Path(args.out)
@@ -28,14 +47,6 @@ def _cmd_mine(args) -> int:
 
 
 def _cmd_convert_timm(args) -> int:
-    from scan_zoo.data.datasets import IMAGENET_MEAN, IMAGENET_STD
-    from scan_zoo.models.backbones import (
-        create_backbone,
-        data_config_for,
-        export_backbone,
-    )
-    from scan_zoo.models.convert import detect_layout, read_checkpoint, to_timm
-
     state = read_checkpoint(args.checkpoint)
     layout = detect_layout(state)
     weights = to_timm(state, args.arch, layout, source=str(args.checkpoint))
@@ -48,9 +59,6 @@ def _cmd_convert_timm(args) -> int:
 
 
 def _cmd_convert_detectron2(args) -> int:
-    import pickle
-
-    from scan_zoo.models.convert import read_checkpoint, to_detectron2
 
     src = Path(args.weights)
     state = read_checkpoint(src / "model.safetensors" if src.is_dir() else src)
@@ -63,11 +71,6 @@ def _cmd_convert_detectron2(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    import fnmatch
-    import json
-
-    from scan_zoo.zoo.cards import metrics_summary
-    from scan_zoo.zoo.registry import ENTRIES
 
     rows = [e for e in ENTRIES if fnmatch.fnmatch(e.name, args.pattern) and (e.has_weights or not args.with_weights)]
     if args.json:
@@ -88,26 +91,17 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from scan_zoo.zoo.registry import ENTRIES
-
     if any(e.name == args.name for e in ENTRIES):  # a zoo entry: checked against its registry recipe
-        from scan_zoo.common.errors import UserError
-        from scan_zoo.zoo.hub import export
-
         if args.out is None:
             raise UserError(f"--out is required when exporting the zoo entry {args.name}")
         out = export(args.run_dir, args.name, args.out)
     else:  # the user's own run under ORG/MODEL: the card describes that run
-        from scan_zoo.experiments.user_export import export_run
-
         out = export_run(args.run_dir, args.name, args.out or f"runs/export/{args.name}", force=args.force)
     print(f"{args.name} exported to {out} (model.safetensors, config.json, README.md)")
     return 0
 
 
 def _cmd_publish(args) -> int:
-    from scan_zoo.zoo.hub import publish
-
     r = publish(args.folder, args.repo_id, endpoint=args.endpoint, private=args.private,
                 record_lock=not args.no_record)
     print(f"published {r['name']} to {r['repo_id']} at revision {r['revision']}")
@@ -119,8 +113,6 @@ def _cmd_publish(args) -> int:
 
 
 def _cmd_readme(args) -> int:
-    from scan_zoo.experiments.results_page import update_readme
-
     root = Path(args.path).resolve().parent  # the checkout the README lies in: results/*.json beside it
     stale = []
     for path in (Path(args.path), Path(args.results)):
@@ -141,11 +133,6 @@ def _cmd_readme(args) -> int:
 
 
 def _cmd_build_digits(args) -> int:
-    import logging
-
-    from scan_zoo.experiments.results_page import update_readme
-    from scan_zoo.experiments.zoo_build import build_digits
-    from scan_zoo.zoo.cards import headline
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("scan_zoo").setLevel(logging.INFO)
@@ -237,18 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--readme", default="README.md", help="README whose zoo table is regenerated afterwards")
     bd.set_defaults(func=_cmd_build_digits)
 
-    from scan_zoo.eval.retrieval import add_parser as add_retrieve_parser
-
     add_retrieve_parser(sub)
-    from scan_zoo.experiments.bench import add_parser as add_bench_parser
-
     add_bench_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scan_zoo.common.errors import UserError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -72,3 +72,36 @@ def test_no_import_cycles():
     g = grimp.build_graph("scan_zoo")
     graph = {m: {i for i in g.find_modules_directly_imported_by(m) if i != "scan_zoo"} for m in g.modules}
     assert _cycles(graph) == []
+
+
+def _function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, source)`` of each import inside a function of ``path`` that no ``# lazy:`` / ``# optional:``
+    comment on the line above explains."""
+    import ast
+
+    text = path.read_text()
+    lines = text.splitlines()
+    found = []
+    for fn in ast.walk(ast.parse(text)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                above = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
+                if not above.startswith(("# lazy:", "# optional:")):
+                    found.append((node.lineno, lines[node.lineno - 1].strip()))
+    return found
+
+
+def test_imports_inside_functions_say_why():
+    """Imports go at the top; one inside a function is for a heavy or optional dependency, with its reason."""
+    unexplained = {str(p.relative_to(ROOT)): _function_level_imports(p)
+                   for p in sorted((ROOT / "scan_zoo").rglob("*.py"))}
+    unexplained = {k: v for k, v in unexplained.items() if v}
+    assert not unexplained, f"imports inside functions without a '# lazy:'/'# optional:' reason: {unexplained}"
+
+
+def test_the_import_check_sees_an_unexplained_import(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    import json\n\n\ndef g():\n    # lazy: heavy\n    import csv\n")
+    assert _function_level_imports(module) == [(2, "import json")]

@@ -17,6 +17,9 @@ import os
 import subprocess
 import sys
 
+from accelerate.commands.config import default_config_file
+from accelerate.commands.launch import launch_command, launch_command_parser
+
 from scan_zoo.common.recipes import ACCELERATE_CONFIG
 
 
@@ -29,9 +32,6 @@ def launch_args(argv: list[str], user_default_exists: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from accelerate.commands.config import default_config_file
-    from accelerate.commands.launch import launch_command, launch_command_parser
-
     argv = sys.argv[1:] if argv is None else argv
     parser = launch_command_parser()
     parser.prog = "scan-zoo-launch"

@@ -9,6 +9,8 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
+import yaml
+
 from scan_zoo.common.errors import UserError
 
 RECIPES_DIR = Path(str(files("scan_zoo") / "recipes"))
@@ -39,8 +41,6 @@ PIPELINE_RECIPES = {"digits": {"moco": "digits_moco", "scan": "digits_scan"},
 
 def reference_processes(path: str | Path) -> int | None:
     """The process count a recipe was written for (its ``_meta.processes``), None where it states none."""
-    import yaml
-
     try:
         meta = (yaml.safe_load(Path(path).read_text()) or {}).get("_meta") or {}
     except (OSError, yaml.YAMLError, AttributeError):

@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from scan_zoo.common import distributed as dist_lib
 from scan_zoo.core import metrics as evaluation
@@ -84,8 +86,6 @@ def fit_linear(epoch_batches: Callable[[int], Iterable], dim: int, num_classes: 
 
     Returns ``(classifier, history)``, ``history[e] = {"epoch", "lr", "loss", "top1", "top5"}``.
     """
-    from tqdm.auto import tqdm
-
     classifier = make_classifier(dim, num_classes, cfg.seed).to(device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -126,9 +126,6 @@ def augmented_batches(backbone: nn.Module, dataset, cfg: ProbeConfig, epoch: int
     Order and crops are functions of ``(seed, epoch)`` (the DataLoader's generator seeds its workers;
     without workers the crops are drawn under a forked, seeded RNG, so the caller's RNG is untouched).
     """
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     seed = _epoch_seed(cfg.seed, epoch)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
                         generator=torch.Generator().manual_seed(seed), drop_last=False)

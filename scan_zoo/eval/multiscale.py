@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+import timm
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from scan_zoo.common.errors import UserError
+from scan_zoo.models.backbones import load_strict
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +44,6 @@ def features_only_model(backbone: nn.Module) -> tuple[nn.Module, list[str]]:
     """``timm.create_model(arch, features_only=True)`` with ``backbone``'s weights, loaded strictly (every key
     of the features_only model from the backbone, shapes checked). Returns ``(model in eval mode, backbone
     keys it does not use)``."""
-    import timm
-
-    from scan_zoo.models.backbones import load_strict
 
     arch = backbone.pretrained_cfg.get("architecture")
     try:
@@ -60,9 +61,6 @@ def features_only_model(backbone: nn.Module) -> tuple[nn.Module, list[str]]:
 def extract_multiscale(model: nn.Module, dataset, batch_size: int = 256, num_workers: int = 2,
                        device="cpu", progress: bool = False, desc: str = "multi-scale features") -> list[torch.Tensor]:
     """Every level of a features_only model for every image: ``[float16 [N, C_l, H_l, W_l]]``."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     model.eval()
     levels: list[list[torch.Tensor]] = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

@@ -18,9 +18,11 @@ training :mod:`scan_zoo.eval.linear`. This module runs them:
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +31,7 @@ from torch import nn
 
 from scan_zoo.common import distributed as dist_lib
 from scan_zoo.common.errors import UserError
+from scan_zoo.common.files import sha256_file
 from scan_zoo.core import metrics as evaluation
 from scan_zoo.data import datasets as data_lib
 from scan_zoo.eval.linear import (  # noqa: F401  (re-exported: the probe's public names live here)
@@ -72,6 +75,8 @@ from scan_zoo.eval.probe_config import (  # noqa: F401
     resolve_config,
     train_transform,
 )
+from scan_zoo.models.backbones import check_input_size
+from scan_zoo.models.loading import load_backbone
 
 RESULTS_NAME = "eval_results.json"
 
@@ -144,9 +149,6 @@ def linear_probe(backbone: nn.Module, train, val, cfg: ProbeConfig, device="cpu"
 
 def _load(model: str, data: str, cfg: ProbeConfig, arch: Optional[str], data_cache: Optional[str]):
     """``(root, train, val, backbone, description, weights file or None, resolved cfg)``."""
-    from scan_zoo.models.backbones import check_input_size
-    from scan_zoo.models.loading import load_backbone
-
     root = data_lib.resolve_data_root(data, data_cache, progress=cfg.progress and dist_lib.rank() == 0)
     train, val = load_splits(root)
     backbone, description = load_backbone(model, arch=arch)
@@ -171,10 +173,6 @@ def evaluate_model(model: str, data: str, cfg: ProbeConfig, arch: Optional[str] 
                    data_cache: Optional[str] = None, device="cpu") -> dict:
     """Load ``model`` (anything :func:`scan_zoo.models.loading.load_backbone` accepts), probe it on ``data``
     (an ImageFolder root with train/ and val/, or ``digits``) and return the results with their provenance."""
-    import datetime
-    from importlib.metadata import version
-
-    from scan_zoo.common.files import sha256_file
 
     root, train, val, backbone, description, weights, cfg = _load(model, data, cfg, arch, data_cache)
     result = linear_probe(backbone.to(device), train, val, cfg, device)

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from scan_zoo.common import distributed as dist_lib
@@ -81,8 +83,6 @@ def read_feature_cache(path: Path, what: dict) -> tuple[dict | None, str | None]
     """``(tensors, None)`` if ``path`` holds the features ``what`` describes, byte for byte as written;
     else ``(None, why not)``. The file records ``what`` and the sha256 of its tensors, both compared here:
     a file renamed, copied from another run, edited or damaged is never taken for the features it claims."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -111,8 +111,6 @@ def centre_crop_features(backbone: nn.Module, train, val, cfg: ProbeConfig, devi
     and its tensors' sha256 in its metadata; a file that fails :func:`read_feature_cache` is recomputed
     (one warning line says why), never used.
     """
-    from safetensors.torch import save_file
-
     key, what = cache_key(backbone, train, val, cfg)
     path = Path(cfg.cache_dir or default_cache_dir()) / f"{key}.safetensors"
     tensors = None

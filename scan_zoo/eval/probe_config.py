@@ -41,8 +41,10 @@ from pathlib import Path
 from typing import Annotated, Optional  # Optional: the validation reads typing.Union, not X | None
 
 from torch import nn
+from torchvision import transforms as T
 
 from scan_zoo.common.errors import UserError
+from scan_zoo.common.readers import read_yaml_mapping
 from scan_zoo.common.validation import (
     AtLeast,
     Choice,
@@ -53,6 +55,7 @@ from scan_zoo.common.validation import (
     check_fields,
 )
 from scan_zoo.data import datasets as data_lib
+from scan_zoo.models.loading import read_config
 
 PROTOCOLS = ("cached", "moco")
 DIGITS_SIZE = 32  # the digit scenes' side in pixels
@@ -113,9 +116,6 @@ def model_preprocessing(model: nn.Module, weights: Optional[Path]) -> dict:
     config.yaml (trained on ImageNet statistics), else (bare or converted weights: MoCo's ImageNet
     statistics) the architecture's timm default size; a timm name brings its pretrained_cfg.
     """
-    from scan_zoo.common.readers import read_yaml_mapping
-    from scan_zoo.models.loading import read_config
-
     default = model.pretrained_cfg
     if weights is None:
         return {"image_size": int(default["input_size"][-1]), "mean": tuple(default["mean"]),
@@ -160,8 +160,6 @@ def eval_transform(cfg: ProbeConfig):
 
 def train_transform(cfg: ProbeConfig):
     """``moco`` training: RandomResizedCrop (+ horizontal flip), as main_lincls.py."""
-    from torchvision import transforms as T
-
     ops = [T.RandomResizedCrop(cfg.image_size, scale=(cfg.crop_scale_min, cfg.crop_scale_max))]
     ops += [T.RandomHorizontalFlip()] if cfg.hflip else []
     return T.Compose(ops + [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])

@@ -13,6 +13,7 @@ queries drawn and over the whole validation split.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -22,8 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from scan_zoo.common.errors import UserError
+from scan_zoo.data import datasets as data_lib
+from scan_zoo.data.datasets import EvalImages
 from scan_zoo.data.imageio import display_path
+from scan_zoo.eval import probe
+from scan_zoo.eval.probe import load_splits
 from scan_zoo.eval.retrieval_figure import Layout, open_image, retrieval_grid
+from scan_zoo.models.features import extract_features
+from scan_zoo.models.loading import load_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +128,6 @@ def display_name(ref: str) -> str:
 def default_out(names: Sequence[str]) -> Path:
     """``runs/retrieval/<models>/retrieval.png``: one folder per set of models, named by their headers joined
     with '+' (characters other than letters, digits, '.', '_', '-' become '_'; a long name is cut and hashed)."""
-    import hashlib
-
     joined = "+".join(names)
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "._-+") else "_" for c in joined).strip(".") or "model"
     if len(safe) > 100:
@@ -145,11 +150,6 @@ def model_features(ref: str, train, val, data: str, batch_size: int = 256, num_w
 
     Returns ``{"train": [N, D], "val": [M, D], "weights", "preprocessing"}``.
     """
-    from scan_zoo.data.datasets import EvalImages
-    from scan_zoo.eval import probe
-    from scan_zoo.models.features import extract_features
-    from scan_zoo.models.loading import load_backbone
-
     backbone, description = load_backbone(ref)
     weights = Path(description) if Path(description).is_file() else None
     cfg = probe.resolve_config(probe.ProbeConfig(num_workers=num_workers, progress=progress),
@@ -178,9 +178,6 @@ def run_retrieval(models: list[str], data: str = "digits", queries: int = 8, k: 
     returned: query indices, per model the neighbours' indices, paths, labels, similarities and pixel
     boxes, and precision@k over the queries shown and over every val image.
     """
-    from scan_zoo.data import datasets as data_lib
-    from scan_zoo.eval.probe import load_splits
-
     if not models:
         raise UserError("name at least one model to retrieve with")
     if k < 1 or queries < 1:

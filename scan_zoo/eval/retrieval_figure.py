@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageOps
 
+from scan_zoo.data.imageio import UnreadableImage
 from scan_zoo.eval import figures
 from scan_zoo.eval.figures import FONT_SIZE
 
@@ -103,8 +104,6 @@ def _tile(img: Image.Image, side: int) -> Image.Image:
 
 def open_image(ds, path: str) -> Image.Image:
     """The image at ``path`` of ImageFolder ``ds``; a grey square if it cannot be read (as EvalImages does)."""
-    from scan_zoo.data.imageio import UnreadableImage
-
     try:
         return ds.loader(path)
     except UnreadableImage as e:

@@ -70,6 +70,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from scan_zoo.data import datasets as data_lib
+from scan_zoo.eval import probe
 from scan_zoo.eval.multiscale import extract_multiscale, features_only_model
 from scan_zoo.eval.transfer_tasks import (
     TASKS,
@@ -80,6 +82,7 @@ from scan_zoo.eval.transfer_tasks import (
     seg_task,
     semantic_task,
 )
+from scan_zoo.models.loading import load_backbone
 
 __all__ = ["TASKS", "TransferConfig", "transfer_scores"]
 
@@ -94,10 +97,6 @@ def transfer_scores(model_ref: str, data_root: str | Path = "digits", seed: int 
     rendered on first use). Returns ``{"semantic_top1", "appearance_r2", "box_iou", "seg_miou"`` (percent),
     details of each task, ``"seconds"`` per task, ``"settings"``, ``"model"``, ``"weights"``, ...}``.
     """
-    from scan_zoo.data import datasets as data_lib
-    from scan_zoo.eval import probe
-    from scan_zoo.models.loading import load_backbone
-
     cfg = cfg or TransferConfig()
     start = time.perf_counter()
     root = data_lib.resolve_data_root(str(data_root), data_cache, progress=cfg.progress) \

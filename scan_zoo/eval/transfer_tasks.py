@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from scan_zoo.common.errors import UserError
+from scan_zoo.core import metrics as evaluation
 from scan_zoo.core.transfer_metrics import box_iou, mean_iou, r2_score, ridge_fit, ridge_select, standardiser
+from scan_zoo.data.digits import META_FILE, load_metadata
+from scan_zoo.eval import probe
 
 #: (result key, task, metric as shown in tables); every value is in percent
 TASKS = (
@@ -69,8 +72,6 @@ def digit_targets(root: Path, dataset, size: int) -> dict:
     "mask" [N, H, W] int64 (1 = glyph)}``; appearance columns: position x, y (fractions of the canvas),
     scale, fg R, G, B, bg R, G, B (0..255).
     """
-    from scan_zoo.data.digits import META_FILE, load_metadata
-
     if not (Path(root) / META_FILE).is_file():
         raise UserError(f"{root} has no {META_FILE}: the transfer suite needs the digit scenes "
                         "(`scan-zoo data digits` or data 'digits')")
@@ -160,8 +161,6 @@ def _fit(head: nn.Module, n: int, step, epochs: int, batch_size: int, lr: float,
 # ---------------------------------------------------------------------------------------------- tasks
 def semantic_task(feats: dict, num_classes: int, probe_cfg, seed: int) -> dict:
     """(a) The cached linear protocol (:func:`scan_zoo.eval.probe.fit_linear`) and kNN on the pooled features."""
-    from scan_zoo.core import metrics as evaluation
-    from scan_zoo.eval import probe
     cfg = dataclasses.replace(probe_cfg, seed=seed)
     f_train, y_train = feats["train_features"], feats["train_labels"]
 

@@ -6,15 +6,23 @@ import datetime
 import json
 import logging
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+import yaml
+
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file, write_json
 from scan_zoo.common.recipes import RECIPES_DIR
-from scan_zoo.eval.transfer import TASKS, TransferConfig
+from scan_zoo.data import datasets as data_lib
+from scan_zoo.eval.transfer import TASKS, TransferConfig, transfer_scores
+from scan_zoo.experiments.pipeline import run_training
+from scan_zoo.train.config import build_config, load_yaml
+from scan_zoo.train.trainer import Trainer, make_accelerator
 
 logger = logging.getLogger("scan_zoo.experiments.bench")
 
@@ -46,8 +54,6 @@ def recipe_file(recipes_dir: str | Path | None, method: str) -> Path:
 
 
 def recipe_record(path: Path) -> dict:
-    from scan_zoo.train.config import load_yaml
-
     return {"path": str(path), "sha256": sha256_file(path), "values": load_yaml(path)}
 
 
@@ -79,9 +85,6 @@ def train_run(layers: list[dict], run_dir: Path, command: str, init_from: Option
     ``init_from`` initialises a ``supcon`` run's encoders from a label-free model (the K = all arm);
     ``scan`` runs take theirs from the config's ``init_from``, as the engine does.
     """
-    from scan_zoo.experiments.pipeline import run_training
-    from scan_zoo.train.config import build_config
-
     cfg = build_config(*layers, {"output_dir": str(run_dir), "resume": "latest"})
     want = _config_record(cfg)
     done_file = run_dir / RUN_DONE
@@ -92,8 +95,6 @@ def train_run(layers: list[dict], run_dir: Path, command: str, init_from: Option
             return {**done, "trained_now": False}
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        import yaml
-
         old = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k not in MACHINE_KEYS}
         if old != want:
             diff = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
@@ -103,8 +104,6 @@ def train_run(layers: list[dict], run_dir: Path, command: str, init_from: Option
     if init_from is not None:
         if cfg.method != "supcon":
             raise ValueError("init_from is for the supcon (K = all) arm; scan runs use cfg.init_from")
-        from scan_zoo.train.trainer import Trainer, make_accelerator
-
         trainer = Trainer(cfg, make_accelerator(run_dir))
         # the engine initialises only scan runs from init_from; the K = all arm starts where SCAN starts
         trainer.init_from(init_from)
@@ -127,8 +126,6 @@ def _settings_key(tcfg: TransferConfig) -> dict:
 
 def score_run(run_dir: Path, data_root: Path, seed: int, tcfg: TransferConfig) -> dict:
     """:func:`~scan_zoo.eval.transfer.transfer_scores` of a run's weights, cached in ``transfer_scores.json``."""
-    from scan_zoo.eval.transfer import transfer_scores
-
     digest = sha256_file(run_dir / "model.safetensors")
     path = run_dir / SCORES_FILE
     if path.is_file():
@@ -145,17 +142,11 @@ def score_run(run_dir: Path, data_root: Path, seed: int, tcfg: TransferConfig) -
 
 
 def data_root(layers: list[dict]) -> Path:
-    from scan_zoo.data import datasets as data_lib
-    from scan_zoo.train.config import build_config
-
     cfg = build_config(*layers)
     return data_lib.resolve_data_root(cfg.data, cfg.data_cache, progress=False)
 
 
 def machine() -> dict:
-    import platform
-
-    import torch
 
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),

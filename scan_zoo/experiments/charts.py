@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Sequence
 
+from PIL import Image, ImageDraw
+
 from scan_zoo.eval import figures
 from scan_zoo.eval.transfer import TASKS
 from scan_zoo.experiments.bench_runs import LABELS
@@ -27,8 +29,6 @@ def transfer_chart(summary: dict, methods: Sequence[str], title: str = "") -> "I
 
     One y axis in percent from min(0, lowest whisker) to max(100, highest whisker): bars start at 0.
     """
-    from PIL import Image, ImageDraw
-
     bar, gap, group_gap, left, right, top, bottom, plot_h = 44, 4, 36, 56, 20, 64, 48, 300
     n_m = len(methods)
     group_w = n_m * bar + (n_m - 1) * gap
@@ -89,8 +89,6 @@ def transfer_chart(summary: dict, methods: Sequence[str], title: str = "") -> "I
 
 def k_ablation_chart(result: dict) -> "Image.Image":
     """One panel per task: score against K (categorical axis, ``all`` last), MoCo (the start) dashed."""
-    from PIL import Image, ImageDraw
-
     panel_w, panel_h, pad, left, top_title = 360, 230, 16, 50, 34
     cols, rows = 2, math.ceil(len(TASKS) / 2)
     width, height = cols * panel_w + pad, top_title + rows * panel_h + pad

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import write_json
+from scan_zoo.data import datasets as data_lib
 from scan_zoo.eval.transfer import TASKS, TransferConfig
 from scan_zoo.experiments.bench_runs import (
     QUICK_STEPS,
@@ -21,6 +22,7 @@ from scan_zoo.experiments.bench_runs import (
     train_run,
 )
 from scan_zoo.experiments.charts import k_ablation_chart
+from scan_zoo.train.config import build_config, load_yaml
 
 
 def parse_k(value) -> int | str:
@@ -48,9 +50,6 @@ def run_k_ablation(ks: Sequence = (0, 1, 2, 4, 8, "all"), seed: int = 0, out: st
                    recipes_dir: str | Path | None = None, moco_run: Optional[str] = None, quick: bool = False,
                    data_cache: Optional[str] = None, num_workers: int = 2, command: Optional[str] = None) -> dict:
     """SCAN at each K from one MoCo run, equal budgets (see the module docstring); scores, plot, results.json."""
-    from scan_zoo.data import datasets as data_lib
-    from scan_zoo.train.config import build_config, load_yaml
-
     ks = list(dict.fromkeys(parse_k(k) for k in ks))
     if not ks:
         raise UserError("name at least one K")

@@ -29,6 +29,7 @@ from scan_zoo.experiments.bench_runs import (
     winners,
 )
 from scan_zoo.experiments.charts import transfer_chart
+from scan_zoo.train.config import load_yaml
 
 
 def format_table(summary: dict, methods: Sequence[str]) -> str:
@@ -66,8 +67,6 @@ def run_transfer_bench(methods: Sequence[str] = METHODS, seeds: Sequence[int] = 
     base = _merge_base(merge, methods, seeds, quick, num_workers) if merge is not None else None
     needed = [m for m in TRAIN_ORDER if m in methods or (m == "moco" and "scan" in methods)]
     recipes = {m: recipe_file(recipes_dir, m) for m in needed}
-    from scan_zoo.train.config import load_yaml
-
     common = {"num_workers": num_workers}
     if data_cache:
         common["data_cache"] = data_cache

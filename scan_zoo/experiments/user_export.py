@@ -23,6 +23,9 @@ from dataclasses import fields
 from datetime import date
 from pathlib import Path
 
+import timm
+from timm.models._hub import save_config_for_hf
+
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file, write_json
 from scan_zoo.common.readers import read_json_object, read_safetensors, read_yaml_mapping
@@ -208,9 +211,6 @@ def preprocessing(model, weights: Path, data: str, results: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- export
 def export_run(run_dir: str | Path, name: str, out_dir: str | Path, force: bool = False) -> Path:
     """Export the train.py run at ``run_dir`` as ``name`` (ORG/MODEL) into ``out_dir``; see the module docstring."""
-    import timm
-    from timm.models._hub import save_config_for_hf
-
     name = check_name(name)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     src_cfg = read_export_config(run_dir)

@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Optional
 
 from scan_zoo.common.errors import UserError
+from scan_zoo.common.files import sha256_file
 from scan_zoo.common.recipes import recipe_path
+from scan_zoo.eval.probe import (
+    ProbeConfig,
+    evaluate_model,
+    merge_results,
+    results_path,
+)
+from scan_zoo.experiments.pipeline import run_training
+from scan_zoo.train.config import build_config, load_yaml
+from scan_zoo.zoo.hub import export
 from scan_zoo.zoo.registry import ENTRIES, ZooEntry, record
 
 logger = logging.getLogger(__name__)
@@ -36,9 +46,6 @@ def shipped_entries(names: Optional[list[str]] = None) -> list[ZooEntry]:
 
 
 def train_entry(entry: ZooEntry, work_dir: Path, num_workers: int) -> Path:
-    from scan_zoo.experiments.pipeline import run_training
-    from scan_zoo.train.config import build_config, load_yaml
-
     run_dir = work_dir / entry.name
     layers = [load_yaml(recipe_path(entry.recipe)), dict(entry.overrides),
               {"output_dir": str(run_dir), "resume": "latest", "num_workers": num_workers}]
@@ -56,13 +63,6 @@ def train_entry(entry: ZooEntry, work_dir: Path, num_workers: int) -> Path:
 
 def evaluate_run(run_dir: Path, num_workers: int) -> dict:
     """The cached linear protocol (MoCo's settings) with kNN, on the digits val split; written beside the run."""
-    from scan_zoo.eval.probe import (
-        ProbeConfig,
-        evaluate_model,
-        merge_results,
-        results_path,
-    )
-
     result = evaluate_model(str(run_dir), "digits", ProbeConfig(protocol="cached", num_workers=num_workers))
     for k in PORTABLE_RESULT_KEYS:
         result.pop(k, None)
@@ -72,9 +72,6 @@ def evaluate_run(run_dir: Path, num_workers: int) -> dict:
 def build_digits(work_dir: str | Path = "runs/zoo_digits", names: Optional[list[str]] = None,
                  num_workers: int = 2) -> list[dict]:
     """Train (or resume), evaluate and ship the ``*_digits`` entries; returns one summary per entry."""
-    from scan_zoo.common.files import sha256_file
-    from scan_zoo.zoo.hub import export
-
     work_dir = Path(work_dir)
     out = []
     for entry in shipped_entries(names):

@@ -24,6 +24,7 @@ from scan_zoo.eval.probe import (
     evaluate_model,
     merge_results,
 )
+from scan_zoo.experiments.results_page import update_readme
 from scan_zoo.experiments.zoo_build import PORTABLE_RESULT_KEYS
 from scan_zoo.zoo.cards import model_card
 from scan_zoo.zoo.registry import ENTRIES, ZooEntry
@@ -69,8 +70,6 @@ def remeasure(entry: ZooEntry, num_workers: int = 2, measure: bool = True) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scan_zoo.experiments.results_page import update_readme
-
     p = argparse.ArgumentParser(prog="python -m scan_zoo.experiments.zoo_numbers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=None, help="zoo names (default: every shipped entry)")

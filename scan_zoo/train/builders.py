@@ -7,8 +7,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import ProjectConfiguration
 
 from scan_zoo.data import datasets as data_lib
+from scan_zoo.data import device as device_data
 from scan_zoo.methods import num_views
 from scan_zoo.train import interrupt
 from scan_zoo.train.config import TrainConfig
@@ -17,9 +20,6 @@ from scan_zoo.train.config import TrainConfig
 def make_accelerator(output_dir: Path, log_with: str | None = "tensorboard", dist_timeout: float | None = None):
     """The run's Accelerator. ``dist_timeout``: seconds a collective waits for the other processes
     (``--dist-timeout``; None: torch's)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
-    from accelerate.utils import ProjectConfiguration
-
     # Accelerate only forms a CPU process group when asked for the CPU (gloo backend).
     cpu = not torch.cuda.is_available()
     # The queue is identical on every process by construction: no need to broadcast buffers each step.
@@ -48,7 +48,6 @@ def train_loader(cfg: TrainConfig, base, sampler: data_lib.NeighborBatchSampler,
     pin = torch.device(device).type == "cuda"
     data_lib.cache_small_dataset(base)  # the digit scenes: decoded once per worker, not once per epoch
     if cfg.decode == "device":
-        from scan_zoo.data import device as device_data
         loader = data_lib.make_loader(device_data.EncodedViews(base, transform), sampler, cfg.num_workers,
                                       pin_memory=pin, collate_fn=device_data.collate_encoded)
         views = device_data.DeviceViews(transform)

@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file
 from scan_zoo.train import identity
@@ -72,8 +74,6 @@ def write_failed(tmp: Path, final: Path, e: Exception, last_good: str) -> None:
 
 def check_identity(path: Path, saved: dict, cfg: TrainConfig, fingerprint: dict) -> list:
     """The checkpoint's config and data against this run's (:func:`scan_zoo.train.identity.check_resume`)."""
-    import yaml
-
     try:
         saved_cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except FileNotFoundError:

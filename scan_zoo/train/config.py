@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Optional
 
+import timm
 import yaml
 
 from scan_zoo.common.errors import UserError
@@ -130,8 +132,6 @@ class TrainConfig:
         if self.eval_resize is not None and self.eval_resize < self.image_size:
             raise UserError(f"eval_resize {self.eval_resize} is smaller than image_size {self.image_size}: "
                             "the centre crop would be padded")
-        import timm
-
         if not timm.is_model(self.model):
             raise UserError(f"unknown backbone {self.model!r}: not a timm architecture (see timm.list_models())")
         if self.method == "scan" and self.batch_size < self.k + 1:
@@ -236,8 +236,6 @@ def _default_text(name: str, default, digits: dict) -> str:
 
 
 def _field_comments() -> dict:
-    import inspect
-
     out = {}
     for line in inspect.getsource(TrainConfig).splitlines():
         line = line.strip()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from scan_zoo.common.errors import UserError
+from scan_zoo.data.digits import DONE_FILE
 from scan_zoo.train.config import TrainConfig
 
 # Fields that cannot change the trained weights: how fast, where and how often things are written, and
@@ -64,8 +65,6 @@ def data_fingerprint(train_base, data_root: Path, neighbors=None) -> dict:
     for row in sorted(rows):
         h.update(row.encode("utf-8", "surrogateescape"))
     fp = {"num_images": len(rows), "num_classes": len(train_base.classes), "files": h.hexdigest()}
-    from scan_zoo.data.digits import DONE_FILE
-
     done = Path(data_root) / DONE_FILE
     if done.is_file():
         try:

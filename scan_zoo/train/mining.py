@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
+from scan_zoo.common import distributed as dist_lib
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file
 from scan_zoo.core.neighbors import mine_neighbors
@@ -52,10 +55,7 @@ def extract_to_file(backbone, images, path: Path, batch_size: int, num_workers: 
     """Pooled float32 features of ``images`` (yielding ``(image, label, index)``) written into the ``.npy`` file
     ``path``, ``[N, D]`` in data set order: each process its contiguous shard, nothing gathered. Every
     process calls it; returns the file memory-mapped read-only. The numbers are :func:`extract_features`'s."""
-    from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
 
-    from scan_zoo.common import distributed as dist_lib
     world, rank = dist_lib.world_size(), dist_lib.rank()
     n = len(images)
     if rank == 0:

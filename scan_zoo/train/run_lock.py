@@ -11,12 +11,15 @@ directory instead (:func:`hold` nests).
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
+
+from accelerate.utils import broadcast_object_list
 
 from scan_zoo.common.errors import UserError
 
@@ -61,8 +64,6 @@ def _owner(text: str) -> tuple[Optional[int], str]:
 
 def _acquire(run_dir: Path) -> Optional[str]:
     """Take the lock of ``run_dir`` for this process; None, or the one-line reason it is taken."""
-    import fcntl
-
     key = os.path.realpath(run_dir)
     if key in _held:
         _held[key][1] += 1
@@ -97,8 +98,6 @@ def _acquire(run_dir: Path) -> Optional[str]:
 
 
 def _release(run_dir: Path) -> None:
-    import fcntl
-
     key = os.path.realpath(run_dir)
     entry = _held.get(key)
     if entry is None:
@@ -130,8 +129,6 @@ def hold(run_dir: Path, accelerator=None) -> Iterator[Path]:
         except UserError as e:
             problem = str(e)
     if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         problem = broadcast_object_list([problem])[0]
     if problem:
         raise UserError(problem)

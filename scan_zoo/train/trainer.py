@@ -42,10 +42,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from scan_zoo.common.distributed import peer_lost
 from scan_zoo.common.errors import UserError
+from scan_zoo.common.readers import read_safetensors
 from scan_zoo.data import datasets as data_lib
+from scan_zoo.data.imageio import UnreadableImage, verify_images
 from scan_zoo.methods import build_method
 from scan_zoo.models.backbones import (
     HEAD_NAME,
@@ -95,8 +99,6 @@ class Trainer(StepGuards):
 
     def __init__(self, cfg: TrainConfig, accelerator=None, neighbors: torch.Tensor | None = None,
                  callbacks: Iterable[Callback] = ()):
-        from accelerate.utils import set_seed
-
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.run_dir = Path(cfg.output_dir)
@@ -112,8 +114,6 @@ class Trainer(StepGuards):
         self.num_classes = len(self.train_base.classes)
         n = len(self.train_base)
         if cfg.strict_data:
-            from scan_zoo.data.imageio import UnreadableImage, verify_images
-
             try:
                 verify_images([p for p, _ in self.train_base.samples], progress=acc.is_main_process,
                               left_out=getattr(self.train_base, "skipped", ()))
@@ -171,8 +171,6 @@ class Trainer(StepGuards):
         head_file = Path(ref) / HEAD_NAME if Path(ref).is_dir() else None
         encoder = getattr(self.method, "encoder_q", None)
         if head_file is not None and head_file.is_file() and encoder is not None:
-            from scan_zoo.common.readers import read_safetensors
-
             load_strict(encoder.head, read_safetensors(head_file), str(head_file))
             desc += " (+ projection head)"
         if hasattr(self.method, "encoder_k"):
@@ -265,8 +263,6 @@ class Trainer(StepGuards):
             return self._fit()
 
     def _fit(self) -> dict:
-        from tqdm.auto import tqdm
-
         cfg, acc = self.cfg, self.acc
         resume = resolve_resume(cfg, self.run_dir)
         if resume is not None:

@@ -25,6 +25,10 @@ from datetime import date
 from pathlib import Path
 from typing import Optional
 
+from huggingface_hub import HfApi, constants, get_token, hf_hub_url
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+from timm.models._hub import save_config_for_hf
+
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file
 from scan_zoo.common.readers import read_json_object, read_safetensors
@@ -34,6 +38,7 @@ from scan_zoo.models.backbones import (
     create_backbone,
     load_strict,
 )
+from scan_zoo.zoo.cards import model_card
 from scan_zoo.zoo.hub_errors import hub_call
 from scan_zoo.zoo.registry import (
     ENTRIES,
@@ -46,6 +51,7 @@ from scan_zoo.zoo.registry import (
     read_lock,
     record,
 )
+from scan_zoo.zoo.timm_cfg import pretrained_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +133,6 @@ def download_weights(entry: ZooEntry, cache_dir: Optional[str] = None) -> Path:
     (and ``HF_HUB_OFFLINE=1``) is found and used. A download is hashed as it streams in and kept only if it
     has the lock's sha256; the server's headers (its commit id, ETag) name no file.
     """
-    from huggingface_hub import constants
-
     facts, where = entry.facts, f"the zoo's lock entry {entry.name!r}"
     repo_id = check_repo_id(facts.get("hf_hub_id"), where)
     revision = check_revision(facts.get("revision"), where)
@@ -165,9 +169,6 @@ def _download_limit() -> int:
 def _fetch_blob(name: str, repo_id: str, revision: str, expected: str, blob: Path) -> None:
     """GET ``repo_id``'s weights at ``revision`` into ``blob``, only if their sha256 is ``expected`` and they
     stay within the download limit (:data:`MAX_DOWNLOAD_BYTES`)."""
-    from huggingface_hub import constants, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
     url = hf_hub_url(repo_id, WEIGHTS_NAME, revision=revision)
     blob.parent.mkdir(parents=True, exist_ok=True)
     tmp = blob.with_name(f"{expected}.{os.getpid()}.incomplete")
@@ -230,10 +231,6 @@ def export(run_dir: str | Path, name: str, out_dir: str | Path, results: Optiona
     and method, and the entry's preprocessing is written into config.json. ``results`` (eval_linear.py's
     JSON) defaults to ``<run_dir>/eval_results.json``.
     """
-    from timm.models._hub import save_config_for_hf
-
-    from scan_zoo.zoo.cards import model_card
-    from scan_zoo.zoo.timm_cfg import pretrained_cfg
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     src_cfg = read_export_config(run_dir)
@@ -298,8 +295,6 @@ def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpo
     and the lock left alone). Returns ``{"repo_id", "revision", "commit_url", "sha256", "name"}``, and ``"lock"``
     when it was recorded.
     """
-    from huggingface_hub import HfApi, get_token
-
     check_repo_id(repo_id)
     token = token or get_token()
     if not token:
