@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from PIL import Image, ImageDraw
 
 from scan_zoo.eval import figures
 from scan_zoo.eval.transfer import TASKS
 from scan_zoo.experiments.bench_runs import LABELS
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 COLOURS = {"supervised": (120, 120, 120), "moco": (66, 133, 244), "supcon": (244, 160, 0), "scan": (219, 68, 55),
            "dsc": (15, 157, 88)}

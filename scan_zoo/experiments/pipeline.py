@@ -7,7 +7,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.recipes import PIPELINE_RECIPES, recipe_path, reference_processes, scaled_lr
