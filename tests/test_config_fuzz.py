@@ -241,7 +241,7 @@ def test_valid_configs_start_training_or_refuse_in_one_line(tiny_data_once, case
 
 @pytest.fixture(scope="module")
 def tiny_data_once(tmp_path_factory):
-    from conftest import make_image_folder
+    from helpers import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("data"))
 

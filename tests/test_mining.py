@@ -55,7 +55,7 @@ def test_two_processes_write_one_feature_file_and_agree(tmp_path, tiny_data):
     and it is the table the all-gather path gives."""
     import socket
 
-    from conftest import BIN, run_cli
+    from helpers import BIN, run_cli
 
     export_backbone(timm.create_model("test_resnet", num_classes=0), tmp_path / "m",
                     data_config_for(16, 16, (0.5,) * 3, (0.5,) * 3), {"method": "none"})

@@ -45,14 +45,14 @@ def fixed_threads(n: int = PROBE_THREADS):
         torch.set_num_threads(before)
 
 
-def make_classifier(dim: int, num_classes: int, seed: int = 0) -> nn.Linear:
+def make_classifier(dim: int, num_classes: int, seed: int = 0, dtype: torch.dtype = LINEAR_DTYPE) -> nn.Linear:
     """main_lincls.py's head: ``fc.weight.normal_(0, 0.01)``, ``fc.bias.zero_()``."""
     fc = nn.Linear(dim, num_classes)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         fc.weight.copy_(torch.randn(num_classes, dim, generator=g) * 0.01)  # [C, D]
         fc.bias.zero_()
-    return fc.to(LINEAR_DTYPE)
+    return fc.to(dtype)
 
 
 def lr_at(epoch: int, lr: float, milestones: Iterable[int]) -> float:
@@ -77,19 +77,23 @@ def train_epoch(classifier: nn.Module, optimizer: torch.optim.Optimizer, batches
 def classifier_accuracy(classifier: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> dict:
     """Top-1 / top-5 (percent) of ``classifier`` on ``features [M, D]``."""
     classifier.eval()
-    return evaluation.topk_accuracy(classifier(features.to(LINEAR_DTYPE)).cpu(), labels.cpu())
+    return evaluation.topk_accuracy(classifier(features.to(classifier.weight.dtype)).cpu(), labels.cpu())
 
 
 def fit_linear(epoch_batches: Callable[[int], Iterable], dim: int, num_classes: int, val_features: torch.Tensor,
-               val_labels: torch.Tensor, cfg: ProbeConfig, device="cpu") -> tuple[nn.Linear, list[dict]]:
+               val_labels: torch.Tensor, cfg: ProbeConfig, device="cpu",
+               dtype: torch.dtype = LINEAR_DTYPE) -> tuple[nn.Linear, list[dict]]:
     """Train the linear layer for ``cfg.epochs`` on ``epoch_batches(epoch)``; validate after every epoch.
+
+    ``dtype``: the layer's (and its inputs'); float64 for eval_linear.py, float32 where recorded results were
+    measured with a float32 layer (the transfer suite's semantic task).
 
     Returns ``(classifier, history)``, ``history[e] = {"epoch", "lr", "loss", "top1", "top5"}``.
     """
-    classifier = make_classifier(dim, num_classes, cfg.seed).to(device)
+    classifier = make_classifier(dim, num_classes, cfg.seed, dtype).to(device)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    val_features, val_labels = val_features.to(device, LINEAR_DTYPE), val_labels.to(device)  # [M, D], [M]
+    val_features, val_labels = val_features.to(device, dtype), val_labels.to(device)  # [M, D], [M]
     history = []
     bar = tqdm(range(cfg.epochs), desc=f"linear ({cfg.protocol})", unit="epoch",
                disable=not cfg.progress or dist_lib.rank() != 0)

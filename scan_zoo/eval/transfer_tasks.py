@@ -160,14 +160,18 @@ def _fit(head: nn.Module, n: int, step, epochs: int, batch_size: int, lr: float,
 
 # ---------------------------------------------------------------------------------------------- tasks
 def semantic_task(feats: dict, num_classes: int, probe_cfg, seed: int) -> dict:
-    """(a) The cached linear protocol (:func:`scan_zoo.eval.probe.fit_linear`) and kNN on the pooled features."""
+    """(a) The cached linear protocol (:func:`scan_zoo.eval.probe.fit_linear`) and kNN on the pooled features.
+
+    The layer is float32, as when results/transfer_digits.json was measured (eval_linear.py's cached probe
+    trains it in float64, bit-stable across thread counts; re-measure the table before switching)."""
     cfg = dataclasses.replace(probe_cfg, seed=seed)
     f_train, y_train = feats["train_features"], feats["train_labels"]
 
     def epochs(epoch):
         return probe.cached_batches(f_train, y_train, cfg.batch_size, cfg.seed, epoch)
 
-    _, history = probe.fit_linear(epochs, f_train.shape[1], num_classes, feats["val_features"], feats["val_labels"], cfg)
+    _, history = probe.fit_linear(epochs, f_train.shape[1], num_classes, feats["val_features"], feats["val_labels"], cfg,
+                                  dtype=torch.float32)
     knn = evaluation.topk_accuracy(evaluation.knn_classify(f_train, y_train, feats["val_features"], num_classes,
                                                            cfg.knn_k, cfg.knn_temperature), feats["val_labels"])
     return {"semantic_top1": history[-1]["top1"], "semantic_top5": history[-1]["top5"],

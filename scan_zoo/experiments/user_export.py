@@ -29,7 +29,7 @@ from timm.models._hub import save_config_for_hf
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file, write_json
 from scan_zoo.common.readers import read_json_object, read_safetensors, read_yaml_mapping
-from scan_zoo.common.recipes import RECIPES_DIR, recipe_path
+from scan_zoo.common.recipes import list_recipes, recipe_path
 from scan_zoo.eval import probe
 from scan_zoo.models.backbones import CONFIG_NAME, WEIGHTS_NAME, create_backbone, load_strict
 from scan_zoo.train.checkpoints import list_checkpoints
@@ -128,7 +128,7 @@ def recipe_facts(cfg: dict, recorded: str | None) -> dict:
     if found:
         return {"path": str(recorded), "how": "recorded by the run", "differences": differences(load_yaml(found))}
     candidates = [(len(differences({})), 1, None, "train.py's defaults, no recipe file")]
-    for path in sorted(RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []:
+    for path in (recipe_path(name) for name in list_recipes()):
         recipe = load_yaml(path)
         if recipe.get("method", defaults["method"]) == cfg["method"]:
             candidates.append((len(differences(recipe)), 0, path, "the shipped recipe closest to the run's config"))
