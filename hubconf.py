@@ -7,6 +7,7 @@ One function per zoo entry that has weights (its headline metric in the docstrin
 ``create_model(name, **kwargs)``. Works from a checkout whether or not scan_zoo is installed: torch.hub
 puts this folder on ``sys.path`` before importing this file.
 """
+
 dependencies = ["torch", "timm", "safetensors", "huggingface_hub", "yaml"]
 
 
@@ -35,8 +36,10 @@ def _register_entry_points() -> None:
 
     for entry in ENTRIES:
         if entry.has_weights:
-            doc = (f"{entry.arch} pretrained with {entry.method} on {entry.data.split(' (')[0]}: "
-                   f"{metrics_summary(entry)}. Backbone only (num_classes=0); kwargs go to timm.create_model.")
+            doc = (
+                f"{entry.arch} pretrained with {entry.method} on {entry.data.split(' (')[0]}: "
+                f"{metrics_summary(entry)}. Backbone only (num_classes=0); kwargs go to timm.create_model."
+            )
             globals()[entry.name.replace(".", "_")] = _entry_point(entry.name, doc)
 
 

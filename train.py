@@ -14,6 +14,7 @@ defaults below are those the default run uses. `scan-zoo-launch` is `accelerate 
 one-process config (no warnings) that exits with the script's status (docs/training.md). Not SCAN
 clustering (Van Gansbeke et al., 2020).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from scan_zoo.train.config import add_arguments
 
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return parser
 
@@ -72,8 +74,11 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
         return EXIT_STATUS if isinstance(e, Interrupted) else EXIT_PREEMPTED
     except PreemptedOutside as e:  # outside the loop (data rendering, mining, evaluation, export)
         if os.environ.get("RANK", "0") == "0":
-            print(f"{parser.prog}: preempted ({e.signame}) outside the training steps; requeue and continue with "
-                  "--resume latest", file=sys.stderr)
+            print(
+                f"{parser.prog}: preempted ({e.signame}) outside the training steps; requeue and continue with "
+                "--resume latest",
+                file=sys.stderr,
+            )
         return EXIT_PREEMPTED
     except KeyboardInterrupt:  # Ctrl-C outside the loop (data rendering, mining, evaluation, export)
         if os.environ.get("RANK", "0") == "0":  # one line, from the first process
@@ -87,8 +92,11 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
             raise
         lost = True
         if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node
-            print(f"{parser.prog}: lost contact with another process of this run ({reason}); its checkpoints are "
-                  "intact: once every node is back, continue with --resume latest", file=sys.stderr)
+            print(
+                f"{parser.prog}: lost contact with another process of this run ({reason}); its checkpoints are "
+                "intact: once every node is back, continue with --resume latest",
+                file=sys.stderr,
+            )
         return PEER_LOST_EXIT
     finally:
         import torch.distributed as dist
@@ -109,8 +117,9 @@ def run(cfg, args, callbacks) -> None:
     if cfg.method == "pipeline":
         layers = [load_yaml(recipe_path(args.config))] if args.config else []
         layers.append({k: v for k, v in vars(args).items() if k not in RECIPE_FLAGS})
-        results = run_pipeline(layers, getattr(args, "moco_config", None), getattr(args, "scan_config", None),
-                               callbacks)
+        results = run_pipeline(
+            layers, getattr(args, "moco_config", None), getattr(args, "scan_config", None), callbacks
+        )
         if PartialState().is_main_process:
             for stage, r in results.items():
                 if not r["finished"]:

@@ -33,6 +33,7 @@ Two data sets:
 
 Medians over the repeats; the ratios are printed last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,9 +66,14 @@ def photo_like_jpegs(root: Path, n: int, size=(375, 500), classes: int = 8, qual
         d = root / "train" / f"class_{i % classes:02d}"
         d.mkdir(parents=True, exist_ok=True)
         f = rng.uniform(0.5, 3.0, 6)
-        img = np.stack([120 + 80 * np.sin(f[0] * xx / 40 + f[1] * yy / 60 + i),
-                        120 + 80 * np.cos(f[2] * yy / 35 - f[3] * xx / 90),
-                        110 + 70 * np.sin(f[4] * (xx + yy) / 50) * np.cos(f[5] * xx / 25)], -1)
+        img = np.stack(
+            [
+                120 + 80 * np.sin(f[0] * xx / 40 + f[1] * yy / 60 + i),
+                120 + 80 * np.cos(f[2] * yy / 35 - f[3] * xx / 90),
+                110 + 70 * np.sin(f[4] * (xx + yy) / 50) * np.cos(f[5] * xx / 25),
+            ],
+            -1,
+        )
         for _ in range(6):  # objects with hard edges
             cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(15, 90)
             img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
@@ -213,9 +219,10 @@ def profile_worker(trainer, samples: int, top: int = 12) -> str:
     torch.set_num_threads(threads)
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
-    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()][-top - 1:]
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()][-top - 1 :]
     text = f"  {per * 1e3:.2f} ms per sample under cProfile; top {top} by own time:\n" + "\n".join(
-        "    " + ln for ln in lines)
+        "    " + ln for ln in lines
+    )
     return text + "\n" + transform_breakdown(ds, items)
 
 
@@ -224,8 +231,9 @@ def transform_breakdown(ds, items) -> str:
     import torch
 
     ops = ds.transform.transform.transforms if hasattr(ds.transform, "transform") else ds.transform.transforms
-    names = ["load (decode / cache)"] + [type(op).__name__ + (f"({type(op.transforms[0]).__name__})"
-                                                              if hasattr(op, "transforms") else "") for op in ops]
+    names = ["load (decode / cache)"] + [
+        type(op).__name__ + (f"({type(op.transforms[0]).__name__})" if hasattr(op, "transforms") else "") for op in ops
+    ]
     spent = [0.0] * len(names)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -244,8 +252,10 @@ def transform_breakdown(ds, items) -> str:
     torch.set_num_threads(threads)
     total = sum(spent)
     rows = [f"    {n:34s} {t / len(items) * 1e3:6.3f} ms  {t / total:5.1%}" for n, t in zip(names, spent)]
-    return (f"  per sample ({ds.transform.n} views), one thread, no profiler: {total / len(items) * 1e3:.3f} ms\n"
-            + "\n".join(rows))
+    return (
+        f"  per sample ({ds.transform.n} views), one thread, no profiler: {total / len(items) * 1e3:.3f} ms\n"
+        + "\n".join(rows)
+    )
 
 
 def median(xs):
@@ -262,9 +272,11 @@ def measure_digits(args) -> dict:
     trainer, cfg = make_trainer("digits_moco.yaml", overrides)
     device = trainer.acc.device
     threads = torch.get_num_threads()
-    print(f"== digit scenes (the embedded default): scan_zoo/recipes/digits_moco.yaml + TrainConfig defaults: {cfg.model}, "
-          f"method {cfg.method}, batch {cfg.batch_size}, {cfg.image_size} px, {cfg.num_workers} workers, decode cpu, "
-          f"device {device}; {len(trainer.train_base)} training images, {len(trainer.sampler)} steps per epoch")
+    print(
+        f"== digit scenes (the embedded default): scan_zoo/recipes/digits_moco.yaml + TrainConfig defaults: {cfg.model}, "
+        f"method {cfg.method}, batch {cfg.batch_size}, {cfg.image_size} px, {cfg.num_workers} workers, decode cpu, "
+        f"device {device}; {len(trainer.train_base)} training images, {len(trainer.sampler)} steps per epoch"
+    )
     trainer.model.train()
     batch = to_device(first_batch(trainer.loader, trainer.sampler), device)  # also starts the workers
     time_steps(trainer, batch, 1)  # warm-up
@@ -279,25 +291,32 @@ def measure_digits(args) -> dict:
         rows["loader_cpu"].append(cpu / images)
         rows["first"].append(t_first)
         rows["step"].append(b / time_steps(trainer, batch, args.steps))
-        torch.set_num_threads(1)  # an oversubscribed CPU can make one thread the faster; and no spinning in its CPU time
+        torch.set_num_threads(
+            1
+        )  # an oversubscribed CPU can make one thread the faster; and no spinning in its CPU time
         secs, cpu = time_steps(trainer, batch, args.steps, cpu=True)
         torch.set_num_threads(threads)
         rows["step1"].append(b / secs)
         rows["step1_cpu"].append(cpu / b)
         secs, images = time_train(trainer, r + 1, args.steps)
         rows["train"].append(images / secs)
-        print(f"  repeat {r + 1}: loader {rows['loader'][-1]:5.0f} img/s ({batches} batches, first after {t_first:.2f} s, "
-              f"{rows['loader_cpu'][-1] * 1e3:.2f} CPU-ms/img)  step {rows['step'][-1]:5.0f} img/s with {threads} "
-              f"threads, {rows['step1'][-1]:5.0f} with 1 ({rows['step1_cpu'][-1] * 1e3:.2f} CPU-ms/img)  steps fed by "
-              f"the loader {rows['train'][-1]:5.0f} img/s", flush=True)
+        print(
+            f"  repeat {r + 1}: loader {rows['loader'][-1]:5.0f} img/s ({batches} batches, first after {t_first:.2f} s, "
+            f"{rows['loader_cpu'][-1] * 1e3:.2f} CPU-ms/img)  step {rows['step'][-1]:5.0f} img/s with {threads} "
+            f"threads, {rows['step1'][-1]:5.0f} with 1 ({rows['step1_cpu'][-1] * 1e3:.2f} CPU-ms/img)  steps fed by "
+            f"the loader {rows['train'][-1]:5.0f} img/s",
+            flush=True,
+        )
     res = {k: median(v) for k, v in rows.items()}
     res.update(consume=max(res["step"], res["step1"]), threads=threads, workers=max(1, cfg.num_workers))
     # contention-free: each of the W workers and of the step's T threads on a core of its own, the step scaling
     # perfectly over its threads (an upper bound on consumption, so a conservative ratio)
     res["cpu_ratio"] = (res["workers"] / res["loader_cpu"]) / (threads / res["step1_cpu"])
-    print(f"  median: loader {res['loader']:.0f} img/s ({res['loader_cpu'] * 1e3:.2f} CPU-ms/img); step "
-          f"{res['step']:.0f} img/s with {threads} threads, {res['step1']:.0f} with 1 ({res['step1_cpu'] * 1e3:.2f} "
-          f"CPU-ms/img); steps fed by the loader {res['train']:.0f} img/s")
+    print(
+        f"  median: loader {res['loader']:.0f} img/s ({res['loader_cpu'] * 1e3:.2f} CPU-ms/img); step "
+        f"{res['step']:.0f} img/s with {threads} threads, {res['step1']:.0f} with 1 ({res['step1_cpu'] * 1e3:.2f} "
+        f"CPU-ms/img); steps fed by the loader {res['train']:.0f} img/s"
+    )
     return res
 
 
@@ -314,23 +333,33 @@ def measure_jpeg(args) -> dict:
         root = photo_like_jpegs(tmp / "jpegs", args.jpeg_images)
         files = sorted((root / "train").rglob("*.jpg"))
         kb = statistics.mean(f.stat().st_size for f in files) / 1e3
-        what = f"{len(files)} generated 500x375 JPEGs (mean {kb:.0f} kB, written in {time.perf_counter() - start:.1f} s)"
+        what = (
+            f"{len(files)} generated 500x375 JPEGs (mean {kb:.0f} kB, written in {time.perf_counter() - start:.1f} s)"
+        )
     from scan_zoo.data.datasets import image_folder
 
     n = len(image_folder(root, "train").samples)
-    overrides = {"output_dir": str(tmp / "run"), "num_workers": args.workers, "data": str(root),
-                 "queue_size": min(128, n - 1), "model": args.jpeg_model}  # the recipe's 65536 needs ImageNet
+    overrides = {
+        "output_dir": str(tmp / "run"),
+        "num_workers": args.workers,
+        "data": str(root),
+        "queue_size": min(128, n - 1),
+        "model": args.jpeg_model,
+    }  # the recipe's 65536 needs ImageNet
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     trainer, cfg = make_trainer("moco_v2_in1k.yaml", overrides)
     dev = trainer.acc.device
     # the --decode device loader, built by the same function as the trainer's (one model serves both)
-    dev_loader, dev_views = train_loader(dataclasses.replace(cfg, decode="device"), trainer.train_base,
-                                         trainer.sampler, dev)
+    dev_loader, dev_views = train_loader(
+        dataclasses.replace(cfg, decode="device"), trainer.train_base, trainer.sampler, dev
+    )
     where = "cuda" if dev.type == "cuda" else "the CPU (a reference: no GPU here)"
-    print(f"== JPEG ImageFolder: {what}; scan_zoo/recipes/moco_v2_in1k.yaml: {cfg.model}, method {cfg.method}, batch "
-          f"{cfg.batch_size}, {cfg.image_size} px, {cfg.num_workers} workers, device {dev}; decode cpu, and decode "
-          f"device on {where}")
+    print(
+        f"== JPEG ImageFolder: {what}; scan_zoo/recipes/moco_v2_in1k.yaml: {cfg.model}, method {cfg.method}, batch "
+        f"{cfg.batch_size}, {cfg.image_size} px, {cfg.num_workers} workers, device {dev}; decode cpu, and decode "
+        f"device on {where}"
+    )
     trainer.model.train()
     batch = to_device(first_batch(trainer.loader, trainer.sampler), dev)  # also starts the workers
     dev_batch = first_batch(dev_loader, trainer.sampler)
@@ -348,33 +377,55 @@ def measure_jpeg(args) -> dict:
         rows["step"].append(time_steps(trainer, batch, args.jpeg_steps))
         rows["aug"].append(time_device_views(trainer.acc, dev_views, dev_batch))
         b = cfg.batch_size
-        print(f"  repeat {r + 1}: decode cpu: loader {rows['cpu'][-1]:6.1f} img/s  | decode device: workers "
-              f"{rows['device_loader'][-1]:6.1f} img/s, decode+augment on {dev.type} {b / rows['aug'][-1]:6.1f} img/s  "
-              f"| step {b / rows['step'][-1]:6.2f} img/s", flush=True)
+        print(
+            f"  repeat {r + 1}: decode cpu: loader {rows['cpu'][-1]:6.1f} img/s  | decode device: workers "
+            f"{rows['device_loader'][-1]:6.1f} img/s, decode+augment on {dev.type} {b / rows['aug'][-1]:6.1f} img/s  "
+            f"| step {b / rows['step'][-1]:6.2f} img/s",
+            flush=True,
+        )
     m = {k: median(v) for k, v in rows.items()}
     b = cfg.batch_size
-    res = {"model": cfg.model, "batch": b, "workers": cfg.num_workers, "device": dev.type,
-           "cpu_loader": m["cpu"], "step": b / m["step"], "device_loader": m["device_loader"],
-           "device_aug": b / m["aug"], "step_with_aug": b / (m["step"] + m["aug"])}
-    print(f"  median: decode cpu loader {m['cpu']:.1f} img/s ({m['cpu'] / max(1, cfg.num_workers):.1f} per worker); "
-          f"decode device: workers {m['device_loader']:.1f} img/s, decode+augment {b / m['aug']:.1f} img/s on "
-          f"{dev.type}; step {b / m['step']:.2f} img/s, {b / (m['step'] + m['aug']):.2f} with decode+augment")
+    res = {
+        "model": cfg.model,
+        "batch": b,
+        "workers": cfg.num_workers,
+        "device": dev.type,
+        "cpu_loader": m["cpu"],
+        "step": b / m["step"],
+        "device_loader": m["device_loader"],
+        "device_aug": b / m["aug"],
+        "step_with_aug": b / (m["step"] + m["aug"]),
+    }
+    print(
+        f"  median: decode cpu loader {m['cpu']:.1f} img/s ({m['cpu'] / max(1, cfg.num_workers):.1f} per worker); "
+        f"decode device: workers {m['device_loader']:.1f} img/s, decode+augment {b / m['aug']:.1f} img/s on "
+        f"{dev.type}; step {b / m['step']:.2f} img/s, {b / (m['step'] + m['aug']):.2f} with decode+augment"
+    )
     return res
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="an ImageFolder root (train/<class>/*.jpg) for the JPEG measurement "
-                                  "(default: 256 generated 500x375 JPEGs in a temporary folder)")
+    p.add_argument(
+        "--data",
+        help="an ImageFolder root (train/<class>/*.jpg) for the JPEG measurement "
+        "(default: 256 generated 500x375 JPEGs in a temporary folder)",
+    )
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: TrainConfig's, 2)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: each recipe's)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (medians are reported)")
     p.add_argument("--steps", type=int, default=5, help="digits: timed steps per repeat")
-    p.add_argument("--jpeg-steps", type=int, default=1, help="JPEG: timed steps per repeat (ResNet-50 on a CPU: ~10-30 s each)")
+    p.add_argument(
+        "--jpeg-steps", type=int, default=1, help="JPEG: timed steps per repeat (ResNet-50 on a CPU: ~10-30 s each)"
+    )
     p.add_argument("--jpeg-images", type=int, default=256, help="generated JPEGs (without --data)")
     p.add_argument("--jpeg-model", default="resnet50", help="backbone of the JPEG measurement (the recipe's)")
-    p.add_argument("--loader-batches", type=int, default=None,
-                   help="batches per loader pass (default: digits one epoch, JPEG at most 8)")
+    p.add_argument(
+        "--loader-batches",
+        type=int,
+        default=None,
+        help="batches per loader pass (default: digits one epoch, JPEG at most 8)",
+    )
     p.add_argument("--skip-jpeg", action="store_true", help="only the digits")
     p.add_argument("--profile", action="store_true", help="print a cProfile of the workers' per-sample work")
     args = p.parse_args()
@@ -387,8 +438,11 @@ def main() -> int:
         args.workers = TrainConfig.num_workers
     start = time.perf_counter()
     cuda = torch.cuda.is_available()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CUDA: "
-          f"{torch.cuda.get_device_name(0) if cuda else 'none'}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CUDA: "
+        f"{torch.cuda.get_device_name(0) if cuda else 'none'}",
+        flush=True,
+    )
     digits = measure_digits(args)
     jpeg = None if args.skip_jpeg else measure_jpeg(args)
 
@@ -397,25 +451,35 @@ def main() -> int:
     d = digits
     wall = d["loader"] / d["consume"]
     ok = wall >= TARGET and d["cpu_ratio"] >= TARGET
-    print(f"  digits, decode cpu, test_resnet, wall clock: {wall:.2f} ({d['loader']:.0f} img/s against the faster "
-          f"step, {d['consume']:.0f} img/s; {d['loader'] / d['step']:.2f} against the step at {d['threads']} threads)")
-    print(f"  digits, decode cpu, test_resnet, CPU cost: {d['cpu_ratio']:.2f} ({d['workers']} workers at "
-          f"{d['loader_cpu'] * 1e3:.2f} CPU-ms/img against {d['threads']} perfectly scaling threads at "
-          f"{d['step1_cpu'] * 1e3:.2f} CPU-ms/img)")
+    print(
+        f"  digits, decode cpu, test_resnet, wall clock: {wall:.2f} ({d['loader']:.0f} img/s against the faster "
+        f"step, {d['consume']:.0f} img/s; {d['loader'] / d['step']:.2f} against the step at {d['threads']} threads)"
+    )
+    print(
+        f"  digits, decode cpu, test_resnet, CPU cost: {d['cpu_ratio']:.2f} ({d['workers']} workers at "
+        f"{d['loader_cpu'] * 1e3:.2f} CPU-ms/img against {d['threads']} perfectly scaling threads at "
+        f"{d['step1_cpu'] * 1e3:.2f} CPU-ms/img)"
+    )
     print(f"  digits target >= {TARGET} (both): {'met' if ok else 'NOT met'}")
     if jpeg:
         j = jpeg
         on = "a GPU" if j["device"] == "cuda" else "this CPU"
-        print(f"  JPEG 500x375, decode cpu, {j['model']} on {on}: {j['cpu_loader'] / j['step']:.2f} "
-              f"({j['cpu_loader']:.1f} vs {j['step']:.2f} img/s; {j['cpu_loader'] / max(1, j['workers']):.1f} img/s "
-              f"per worker)")
+        print(
+            f"  JPEG 500x375, decode cpu, {j['model']} on {on}: {j['cpu_loader'] / j['step']:.2f} "
+            f"({j['cpu_loader']:.1f} vs {j['step']:.2f} img/s; {j['cpu_loader'] / max(1, j['workers']):.1f} img/s "
+            f"per worker)"
+        )
         ratio = j["device_loader"] / j["step_with_aug"]
         if j["device"] == "cuda":
-            print(f"  JPEG 500x375, decode device on cuda: {ratio:.2f} (workers {j['device_loader']:.1f} img/s vs step "
-                  f"with on-GPU decode+augment {j['step_with_aug']:.1f} img/s)")
+            print(
+                f"  JPEG 500x375, decode device on cuda: {ratio:.2f} (workers {j['device_loader']:.1f} img/s vs step "
+                f"with on-GPU decode+augment {j['step_with_aug']:.1f} img/s)"
+            )
         else:
-            print(f"  JPEG 500x375, decode device, run on the CPU (reference only): {ratio:.2f} (workers "
-                  f"{j['device_loader']:.1f} img/s vs step with decode+augment {j['step_with_aug']:.2f} img/s)")
+            print(
+                f"  JPEG 500x375, decode device, run on the CPU (reference only): {ratio:.2f} (workers "
+                f"{j['device_loader']:.1f} img/s vs step with decode+augment {j['step_with_aug']:.2f} img/s)"
+            )
             print("  JPEG 500x375, decode device on a GPU: skipped (no CUDA device on this machine)")
     return 0
 

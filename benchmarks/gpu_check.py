@@ -25,6 +25,7 @@ Sections (each ``measured``, ``skipped`` with its reason, or ``failed`` with the
 Without CUDA, or with ``--toy``: test_resnet, 32 px, a few steps, on the CPU; bf16, channels_last, compile
 and device decoding are skipped with a reason.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,40 @@ METHODS = ("scan", "moco", "supervised")
 def sizes(toy: bool) -> dict:
     """Every size the check uses: the GPU setting, or the toy one."""
     if toy:
-        return dict(model="test_resnet", image_size=32, batch=24, queue=256, steps=2, repeats=2, jpegs=16,
-                    jpeg_size=(48, 64), workers=1, train_steps=6, train_batch=24, feat_images=96,
-                    mine_n=2000, mine_classes=10, mine_dim=64)
-    return dict(model="resnet50", image_size=224, batch=384, queue=65536, steps=5, repeats=3, jpegs=512,
-                jpeg_size=(375, 500), workers=min(8, os.cpu_count() or 1), train_steps=40, train_batch=96,
-                feat_images=1024, mine_n=128_000, mine_classes=100, mine_dim=2048)
+        return dict(
+            model="test_resnet",
+            image_size=32,
+            batch=24,
+            queue=256,
+            steps=2,
+            repeats=2,
+            jpegs=16,
+            jpeg_size=(48, 64),
+            workers=1,
+            train_steps=6,
+            train_batch=24,
+            feat_images=96,
+            mine_n=2000,
+            mine_classes=10,
+            mine_dim=64,
+        )
+    return dict(
+        model="resnet50",
+        image_size=224,
+        batch=384,
+        queue=65536,
+        steps=5,
+        repeats=3,
+        jpegs=512,
+        jpeg_size=(375, 500),
+        workers=min(8, os.cpu_count() or 1),
+        train_steps=40,
+        train_batch=96,
+        feat_images=1024,
+        mine_n=128_000,
+        mine_classes=100,
+        mine_dim=2048,
+    )
 
 
 def section(fn, *args) -> dict:
@@ -85,9 +114,18 @@ def throughput(s: dict, gpu: bool, compile_: bool, deadline: float = math.inf) -
     """``deadline`` (perf_counter): compiling stops being worth it past it (the rest is skipped)."""
     import torch
 
-    args = argparse.Namespace(model=s["model"], image_size=s["image_size"], batch=s["batch"], k=2,
-                              queue_size=s["queue"], steps=s["steps"], device="cuda" if gpu else "cpu",
-                              channels_last=gpu, bf16=gpu, compile=compile_)
+    args = argparse.Namespace(
+        model=s["model"],
+        image_size=s["image_size"],
+        batch=s["batch"],
+        k=2,
+        queue_size=s["queue"],
+        steps=s["steps"],
+        device="cuda" if gpu else "cpu",
+        channels_last=gpu,
+        bf16=gpu,
+        compile=compile_,
+    )
     runs, compile_s = {}, {}
     for m in METHODS:
         runs[m] = step_bench.build(m, args)
@@ -98,26 +136,43 @@ def throughput(s: dict, gpu: bool, compile_: bool, deadline: float = math.inf) -
             return skipped(f"compiling {', '.join(compile_s)} took {sum(compile_s.values()):.0f} s: over the budget")
     rates = {m: [] for m in METHODS}
     for r in range(s["repeats"]):
-        for m in METHODS[r % 3:] + METHODS[:r % 3]:
+        for m in METHODS[r % 3 :] + METHODS[: r % 3]:
             start = time.perf_counter()
             images = step_bench.run_steps(*runs[m], args)
             rates[m].append(images / (time.perf_counter() - start))
     med = {m: statistics.median(v) for m, v in rates.items()}
     ratio = med["scan"] / med["supervised"]
-    out = {"status": "measured", "model": s["model"], "image_size": s["image_size"],
-           "batch_images": s["batch"], "queue": s["queue"], "bf16": gpu, "channels_last": gpu,
-           "compile": compile_, "images_per_s": {m: round(v, 1) for m, v in med.items()},
-           "ratio_scan_supervised": round(ratio, 3), "target": TARGET, "met": ratio >= TARGET if gpu else None,
-           "repeats": f"{s['repeats']} x {s['steps']} steps"}
+    out = {
+        "status": "measured",
+        "model": s["model"],
+        "image_size": s["image_size"],
+        "batch_images": s["batch"],
+        "queue": s["queue"],
+        "bf16": gpu,
+        "channels_last": gpu,
+        "compile": compile_,
+        "images_per_s": {m: round(v, 1) for m, v in med.items()},
+        "ratio_scan_supervised": round(ratio, 3),
+        "target": TARGET,
+        "met": ratio >= TARGET if gpu else None,
+        "repeats": f"{s['repeats']} x {s['steps']} steps",
+    }
     if compile_:
         out["first_steps_s"] = compile_s
-    verdict = (f"target {TARGET}: {'met' if out['met'] else 'NOT met'}" if gpu
-               else "toy size: the target is for ResNet-50 at 224 px on a GPU")
-    out["result"] = (f"SCAN {med['scan']:.0f}, MoCo {med['moco']:.0f}, supervised {med['supervised']:.0f} images/s; "
-                     f"SCAN/supervised **{ratio:.3f}** ({verdict})")
-    out["note"] = (f"{s['model']} {s['image_size']} px, {s['batch']} images/step, queue {s['queue']}, "
-                   + ("bf16, channels_last" if gpu else "CPU, fp32 (bf16 and channels_last: GPU only, skipped)")
-                   + (", compiled" if compile_ else ""))
+    verdict = (
+        f"target {TARGET}: {'met' if out['met'] else 'NOT met'}"
+        if gpu
+        else "toy size: the target is for ResNet-50 at 224 px on a GPU"
+    )
+    out["result"] = (
+        f"SCAN {med['scan']:.0f}, MoCo {med['moco']:.0f}, supervised {med['supervised']:.0f} images/s; "
+        f"SCAN/supervised **{ratio:.3f}** ({verdict})"
+    )
+    out["note"] = (
+        f"{s['model']} {s['image_size']} px, {s['batch']} images/step, queue {s['queue']}, "
+        + ("bf16, channels_last" if gpu else "CPU, fp32 (bf16 and channels_last: GPU only, skipped)")
+        + (", compiled" if compile_ else "")
+    )
     del runs
     if gpu:
         torch.cuda.empty_cache()
@@ -135,8 +190,13 @@ def jpeg_folder(tmp: Path, s: dict) -> Path:
 def decode(tmp: Path, root: Path, s: dict, gpu: bool) -> tuple[dict, dict]:
     from scan_zoo.train.trainer import train_loader
 
-    overrides = {"output_dir": str(tmp / "decode_run"), "num_workers": s["workers"], "data": str(root),
-                 "queue_size": min(128, s["jpegs"] - 1), "model": s["model"]}
+    overrides = {
+        "output_dir": str(tmp / "decode_run"),
+        "num_workers": s["workers"],
+        "data": str(root),
+        "queue_size": min(128, s["jpegs"] - 1),
+        "model": s["model"],
+    }
     if not gpu:
         overrides.update(image_size=s["image_size"], eval_resize=s["image_size"], batch_size=8)
     trainer, cfg = data_bench.make_trainer("moco_v2_in1k.yaml", overrides)
@@ -147,17 +207,28 @@ def decode(tmp: Path, root: Path, s: dict, gpu: bool) -> tuple[dict, dict]:
         secs, images, _, _ = data_bench.time_loader(trainer, r + 1, batches)
         cpu.append(images / secs)
     jpeg_kb = statistics.mean(f.stat().st_size for f in (root / "train").rglob("*.jpg")) / 1e3
-    base = {"images": s["jpegs"], "jpeg": f"{s['jpeg_size'][1]}x{s['jpeg_size'][0]}, mean {jpeg_kb:.0f} kB",
-            "batch": cfg.batch_size, "image_size": cfg.image_size, "workers": cfg.num_workers}
+    base = {
+        "images": s["jpegs"],
+        "jpeg": f"{s['jpeg_size'][1]}x{s['jpeg_size'][0]}, mean {jpeg_kb:.0f} kB",
+        "batch": cfg.batch_size,
+        "image_size": cfg.image_size,
+        "workers": cfg.num_workers,
+    }
     note = f"{s['jpegs']} JPEGs {base['jpeg']}, batch {cfg.batch_size}, {cfg.image_size} px, {cfg.num_workers} workers"
-    out_cpu = {"status": "measured", **base, "loader_images_per_s": round(max(cpu), 1),
-               "per_worker": round(max(cpu) / max(1, cfg.num_workers), 1), "note": note,
-               "result": f"{max(cpu):.0f} images/s ({max(cpu) / max(1, cfg.num_workers):.0f} per worker)"}
+    out_cpu = {
+        "status": "measured",
+        **base,
+        "loader_images_per_s": round(max(cpu), 1),
+        "per_worker": round(max(cpu) / max(1, cfg.num_workers), 1),
+        "note": note,
+        "result": f"{max(cpu):.0f} images/s ({max(cpu) / max(1, cfg.num_workers):.0f} per worker)",
+    }
     if not gpu:
         return out_cpu, skipped("--decode device decodes on the GPU: no CUDA device (or --toy)")
     dev = trainer.acc.device
-    dev_loader, dev_views = train_loader(dataclasses.replace(cfg, decode="device"), trainer.train_base,
-                                         trainer.sampler, dev)
+    dev_loader, dev_views = train_loader(
+        dataclasses.replace(cfg, decode="device"), trainer.train_base, trainer.sampler, dev
+    )
     dev_batch = data_bench.first_batch(dev_loader, trainer.sampler)
     dev_views(copy.copy(dev_batch), dev)  # warm-up
     workers, aug = [], []
@@ -166,32 +237,74 @@ def decode(tmp: Path, root: Path, s: dict, gpu: bool) -> tuple[dict, dict]:
         workers.append(images / secs)
         aug.append(cfg.batch_size / data_bench.time_device_views(trainer.acc, dev_views, dev_batch))
     pipeline = min(max(workers), max(aug))  # workers and the device work in parallel: the slower one bounds it
-    return out_cpu, {"status": "measured", **base, "workers_read_images_per_s": round(max(workers), 1),
-                     "device_decode_augment_images_per_s": round(max(aug), 1),
-                     "pipeline_bound_images_per_s": round(pipeline, 1),
-                     "ratio_device_cpu": round(pipeline / max(cpu), 2), "note": note,
-                     "result": f"{pipeline:.0f} images/s (decode+augment on the GPU {max(aug):.0f}, workers reading "
-                               f"{max(workers):.0f}); device / cpu **{pipeline / max(cpu):.2f}**"}
+    return out_cpu, {
+        "status": "measured",
+        **base,
+        "workers_read_images_per_s": round(max(workers), 1),
+        "device_decode_augment_images_per_s": round(max(aug), 1),
+        "pipeline_bound_images_per_s": round(pipeline, 1),
+        "ratio_device_cpu": round(pipeline / max(cpu), 2),
+        "note": note,
+        "result": f"{pipeline:.0f} images/s (decode+augment on the GPU {max(aug):.0f}, workers reading "
+        f"{max(workers):.0f}); device / cpu **{pipeline / max(cpu):.2f}**",
+    }
 
 
 # ------------------------------------------------------------------------------- train.py and resume
 def train_py(run_dir: Path, root: Path, s: dict, gpu: bool, deterministic: bool, *extra: str):
-    cmd = [sys.executable, str(ROOT / "train.py"), "--method", "scan", "--data", str(root),
-           "--appearance-model", str(ROOT / "scan_zoo" / "weights" / "test_resnet.moco_digits"),
-           "--model", "test_resnet", "--image-size", "32", "--eval-resize", "32",
-           "--batch-size", str(s["train_batch"]), "--queue-size", str(min(64, s["jpegs"] - 1)), "--k", "2",
-           "--max-steps", str(s["train_steps"]), "--epochs", "100", "--lr", "0.03",
-           "--num-workers", str(s["workers"] if gpu else 0),
-           "--log-every-steps", "1", "--output-dir", str(run_dir), "--save-every-steps", str(s["train_steps"]),
-           "--deterministic", str(deterministic).lower(), *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
-           "ACCELERATE_MIXED_PRECISION": "bf16" if gpu else "no", "CUDA_VISIBLE_DEVICES": "0" if gpu else ""}
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--method",
+        "scan",
+        "--data",
+        str(root),
+        "--appearance-model",
+        str(ROOT / "scan_zoo" / "weights" / "test_resnet.moco_digits"),
+        "--model",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--eval-resize",
+        "32",
+        "--batch-size",
+        str(s["train_batch"]),
+        "--queue-size",
+        str(min(64, s["jpegs"] - 1)),
+        "--k",
+        "2",
+        "--max-steps",
+        str(s["train_steps"]),
+        "--epochs",
+        "100",
+        "--lr",
+        "0.03",
+        "--num-workers",
+        str(s["workers"] if gpu else 0),
+        "--log-every-steps",
+        "1",
+        "--output-dir",
+        str(run_dir),
+        "--save-every-steps",
+        str(s["train_steps"]),
+        "--deterministic",
+        str(deterministic).lower(),
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+        "ACCELERATE_MIXED_PRECISION": "bf16" if gpu else "no",
+        "CUDA_VISIBLE_DEVICES": "0" if gpu else "",
+    }
     if not gpu:
         env["OMP_NUM_THREADS"] = "1"  # as torch.set_num_threads(1) here: a shared CPU runs one thread faster
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
-        raise TrainFailed(f"train.py {' '.join(extra) or '(uninterrupted)'} exited {r.returncode}: "
-                          f"{r.stderr.strip()[-300:]}")
+        raise TrainFailed(
+            f"train.py {' '.join(extra) or '(uninterrupted)'} exited {r.returncode}: {r.stderr.strip()[-300:]}"
+        )
 
 
 class TrainFailed(RuntimeError):
@@ -222,26 +335,39 @@ def train_resume(tmp: Path, root: Path, s: dict, gpu: bool) -> dict:
     whole_s = time.perf_counter() - start
     train_py(tmp / "halves", root, s, gpu, deterministic, "--stop-after-steps", str(n // 2))
     train_py(tmp / "halves", root, s, gpu, deterministic, "--resume", "latest")
-    losses = [json.loads(ln)["loss"] for ln in (tmp / "whole" / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(ln)]
+    losses = [
+        json.loads(ln)["loss"]
+        for ln in (tmp / "whole" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(ln)
+    ]
     a, b = final_weights(tmp / "whole"), final_weights(tmp / "halves")
     assert a.keys() == b.keys(), "the two runs' checkpoints hold different tensors"
     diff = max(((x.double() - b[k].double()).abs().max().item() for k, x in a.items() if x.numel()), default=0.0)
-    scale = max((x.double().abs().max().item() for x in a.values() if x.numel() and x.is_floating_point()),
-                default=1.0)
+    scale = max((x.double().abs().max().item() for x in a.values() if x.numel() and x.is_floating_point()), default=1.0)
     identical = all(x.dtype == b[k].dtype and bool((x == b[k]).all()) for k, x in a.items())
     finite = bool(losses) and all(math.isfinite(v) for v in losses)
     within = identical or (gpu and diff / scale <= GPU_TOLERANCE)
     how = "bit-identical" if identical else f"max abs diff {diff:.2e} (relative {diff / scale:.1e})"
-    return {"result": f"**{'passed' if finite and within else 'FAILED'}**: losses finite {finite}, resume {how}",
-            "note": f"train.py SCAN, {n} steps, stopped at {n // 2}, {'cuda, bf16' if gpu else 'cpu, fp32'}",
-            "status": "measured", "passed": finite and within, "device": "cuda" if gpu else "cpu",
-            "precision": "bf16 autocast" if gpu else "fp32", "steps": n, "stopped_at": n // 2,
-            "losses_logged": len(losses), "finite_losses": finite, "first_last_loss": [losses[0], losses[-1]],
-            "bit_identical": identical, "max_abs_diff": diff, "relative_diff": diff / scale,
-            "tolerance": "bit-identical" if not gpu else f"bit-identical, else relative {GPU_TOLERANCE}",
-            "deterministic": deterministic, "uninterrupted_run_s": round(whole_s, 1),
-            **({"deterministic_refused": refused[-300:]} if gpu and not deterministic else {})}
+    return {
+        "result": f"**{'passed' if finite and within else 'FAILED'}**: losses finite {finite}, resume {how}",
+        "note": f"train.py SCAN, {n} steps, stopped at {n // 2}, {'cuda, bf16' if gpu else 'cpu, fp32'}",
+        "status": "measured",
+        "passed": finite and within,
+        "device": "cuda" if gpu else "cpu",
+        "precision": "bf16 autocast" if gpu else "fp32",
+        "steps": n,
+        "stopped_at": n // 2,
+        "losses_logged": len(losses),
+        "finite_losses": finite,
+        "first_last_loss": [losses[0], losses[-1]],
+        "bit_identical": identical,
+        "max_abs_diff": diff,
+        "relative_diff": diff / scale,
+        "tolerance": "bit-identical" if not gpu else f"bit-identical, else relative {GPU_TOLERANCE}",
+        "deterministic": deterministic,
+        "uninterrupted_run_s": round(whole_s, 1),
+        **({"deterministic_refused": refused[-300:]} if gpu and not deterministic else {}),
+    }
 
 
 # ------------------------------------------------------------------------------- features and mining
@@ -265,8 +391,9 @@ def features(s: dict, gpu: bool) -> dict:
     device = "cuda" if gpu else "cpu"
     backbone = create_backbone(s["model"]).to(device)
     ds = Tensors(s["feat_images"])
-    extract_features(backbone, torch.utils.data.Subset(ds, range(64)), batch_size=64, num_workers=0,
-                     progress=False)  # warm-up
+    extract_features(
+        backbone, torch.utils.data.Subset(ds, range(64)), batch_size=64, num_workers=0, progress=False
+    )  # warm-up
     best = []
     for _ in range(2):
         if gpu:
@@ -274,11 +401,18 @@ def features(s: dict, gpu: bool) -> dict:
         start = time.perf_counter()
         feats, _ = extract_features(backbone, ds, batch_size=256, num_workers=0, progress=False)
         best.append(len(ds) / (time.perf_counter() - start))
-    return {"result": f"{max(best):.0f} images/s", "note": f"extract_features, {s['model']} {s['image_size']} px, "
-            f"{device}, fp32", "status": "measured", "model": s["model"], "image_size": s["image_size"],
-            "images": len(ds),
-            "dim": feats.shape[1], "images_per_s": round(max(best), 1), "device": device,
-            "precision": "fp32 (extract_features does not autocast)"}
+    return {
+        "result": f"{max(best):.0f} images/s",
+        "note": f"extract_features, {s['model']} {s['image_size']} px, {device}, fp32",
+        "status": "measured",
+        "model": s["model"],
+        "image_size": s["image_size"],
+        "images": len(ds),
+        "dim": feats.shape[1],
+        "images_per_s": round(max(best), 1),
+        "device": device,
+        "precision": "fp32 (extract_features does not autocast)",
+    }
 
 
 def mining(s: dict, gpu: bool) -> dict:
@@ -304,18 +438,24 @@ def mining(s: dict, gpu: bool) -> dict:
             torch.cuda.synchronize()
         start = time.perf_counter()
         for k in range(c):
-            a = x[k * m:(k + 1) * m]
+            a = x[k * m : (k + 1) * m]
             torch.topk(a @ a.T, 3, dim=1)
         if gpu:
             torch.cuda.synchronize()
         floor_s = time.perf_counter() - start
-    return {"result": f"mine_neighbors {mine_s:.2f} s; Gram + top-k floor on {device} {floor_s:.3f} s",
-            "note": f"{n} x {d} float16, {c} classes of {m}, K 2; mine_neighbors computes on the CPU",
-            "status": "measured", "features": f"{n} x {d} float16, {c} classes of {m}", "k": 2,
-            "mine_neighbors_s": round(mine_s, 2), "mine_neighbors_device": "cpu (scan_zoo.core.neighbors)",
-            "gram_topk_floor_s": round(floor_s, 3), "floor_device": device,
-            "ratio_mine_floor": round(mine_s / max(floor_s, 1e-9), 1),
-            "threads": torch.get_num_threads()}
+    return {
+        "result": f"mine_neighbors {mine_s:.2f} s; Gram + top-k floor on {device} {floor_s:.3f} s",
+        "note": f"{n} x {d} float16, {c} classes of {m}, K 2; mine_neighbors computes on the CPU",
+        "status": "measured",
+        "features": f"{n} x {d} float16, {c} classes of {m}",
+        "k": 2,
+        "mine_neighbors_s": round(mine_s, 2),
+        "mine_neighbors_device": "cpu (scan_zoo.core.neighbors)",
+        "gram_topk_floor_s": round(floor_s, 3),
+        "floor_device": device,
+        "ratio_mine_floor": round(mine_s / max(floor_s, 1e-9), 1),
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -330,13 +470,18 @@ def table(res: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="gpu_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="gpu_check.json", help="JSON file written")
     p.add_argument("--toy", action="store_true", help="toy sizes on the CPU, even when a GPU is there")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
-    p.add_argument("--budget", type=float, default=360.0,
-                   help="seconds: sections not started by then are skipped; compiling stops (default 360)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=360.0,
+        help="seconds: sections not started by then are skipped; compiling stops (default 360)",
+    )
     args = p.parse_args()
 
     import torch
@@ -348,12 +493,21 @@ def main() -> int:
         # on a shared CPU machine two OpenMP threads can be many times slower than one (benchmarks/RESULTS.md)
         torch.set_num_threads(1)
         step_bench.NUM_IMAGES = 3000  # the synthetic set SCAN's neighbour batches index into (100,000 on a GPU)
-    machine = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0) if gpu else None,
-               "torch": torch.__version__, "cuda": torch.version.cuda, "cpus": os.cpu_count(),
-               "python": platform.python_version(), "toy": not gpu,
-               "why_toy": None if gpu else ("--toy" if args.toy else "torch.cuda.is_available() is false")}
-    print(f"gpu_check: {'GPU ' + machine['gpu'] if gpu else 'toy sizes on the CPU (' + machine['why_toy'] + ')'}; "
-          f"torch {torch.__version__}", flush=True)
+    machine = {
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(0) if gpu else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "toy": not gpu,
+        "why_toy": None if gpu else ("--toy" if args.toy else "torch.cuda.is_available() is false"),
+    }
+    print(
+        f"gpu_check: {'GPU ' + machine['gpu'] if gpu else 'toy sizes on the CPU (' + machine['why_toy'] + ')'}; "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
     tmp = Path(tempfile.mkdtemp(prefix="scan_zoo_gpu_check_"))
     sec = {}
 
@@ -362,8 +516,11 @@ def main() -> int:
             sec[name] = skipped(f"time budget of {args.budget:.0f} s spent before this section")
         else:
             sec[name] = section(fn, *a)
-        print(f"  {name}: {sec[name]['status']} ({sec[name].get('seconds', 0)} s)"
-              + (f": {sec[name]['reason']}" if "reason" in sec[name] else ""), flush=True)
+        print(
+            f"  {name}: {sec[name]['status']} ({sec[name].get('seconds', 0)} s)"
+            + (f": {sec[name]['reason']}" if "reason" in sec[name] else ""),
+            flush=True,
+        )
 
     try:
         run("throughput", throughput, s, gpu, False)
@@ -385,12 +542,18 @@ def main() -> int:
             run("throughput_compile", throughput, s, gpu, True, t0 + args.budget)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    res = {"machine": machine, "sizes": s, "sections": sec,
-           "skipped": {k: v["reason"] for k, v in sec.items() if v["status"] != "measured"},
-           "total_s": round(time.perf_counter() - t0, 1)}
+    res = {
+        "machine": machine,
+        "sizes": s,
+        "sections": sec,
+        "skipped": {k: v["reason"] for k, v in sec.items() if v["status"] != "measured"},
+        "total_s": round(time.perf_counter() - t0, 1),
+    }
     Path(args.out).write_text(json.dumps(res, indent=1, default=str) + "\n")
-    print(f"\n{machine['date']}, {machine['gpu'] or 'CPU (toy sizes)'}, torch {machine['torch']}, "
-          f"`python benchmarks/gpu_check.py{' --toy' if args.toy else ''}` ({res['total_s']:.0f} s)\n")
+    print(
+        f"\n{machine['date']}, {machine['gpu'] or 'CPU (toy sizes)'}, torch {machine['torch']}, "
+        f"`python benchmarks/gpu_check.py{' --toy' if args.toy else ''}` ({res['total_s']:.0f} s)\n"
+    )
     print(table(res))
     if res["skipped"]:
         print("\nnot measured:")

@@ -25,6 +25,7 @@ Two measurements, medians, ratio zoo / plain (target <= 1.10, issue 6), printed 
 - ``fresh process`` (``--fresh N``, default 5): the first ``create_model`` call in a new Python process
   (imports done, not timed), zoo and plain alternating; the case of a user who loads a model once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,9 +117,15 @@ def main() -> None:
         entry = scan_zoo.get_entry(name)
         path = entry.weights_dir / "model.safetensors" if entry.status == "shipped" else r50
         files[name] = (entry.arch, path)
-        cases.append((name, lambda n=name: timm.create_model(n, pretrained=True),
-                      lambda a=entry.arch, f=path: timm.create_model(
-                          a, pretrained=True, pretrained_cfg_overlay={"file": str(f), "num_classes": 0})))
+        cases.append(
+            (
+                name,
+                lambda n=name: timm.create_model(n, pretrained=True),
+                lambda a=entry.arch, f=path: timm.create_model(
+                    a, pretrained=True, pretrained_cfg_overlay={"file": str(f), "num_classes": 0}
+                ),
+            )
+        )
     assert R50 in files, "the temporary lock did not make resnet50.scan_in1k a published entry"
     # a weight downloaded earlier is older than this; a file changed within the last VERIFIED_MIN_AGE_S is
     # hashed on every load (scan_zoo.zoo.hub.verify_sha256)
@@ -128,8 +135,8 @@ def main() -> None:
     for name, zoo, plain in cases:  # warm-up: imports, file cache
         zoo(), plain()
     for r in range(args.repeats):  # the order of the cases, and of zoo and plain, changes every repeat
-        for name, zoo, plain in cases[r % len(cases):] + cases[:r % len(cases)]:
-            for side, fn in (("zoo", zoo), ("plain", plain))[::1 if r % 2 else -1]:
+        for name, zoo, plain in cases[r % len(cases) :] + cases[: r % len(cases)]:
+            for side, fn in (("zoo", zoo), ("plain", plain))[:: 1 if r % 2 else -1]:
                 times[name][side].append(timed(fn))
     print(f"{'entry':32s} {'zoo (ms)':>10s} {'plain (ms)':>11s} {'ratio':>7s}   (median of {args.repeats})")
     ratios = []
@@ -143,8 +150,12 @@ def main() -> None:
     for _ in range(args.fresh):
         for name in fresh:
             for kind in ("zoo", "plain"):
-                out = subprocess.run([sys.executable, __file__, "--child", kind, name, files[name][0],
-                                      str(files[name][1])], check=True, capture_output=True, text=True).stdout
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", kind, name, files[name][0], str(files[name][1])],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 first[name][kind].append(float(out.split()[-1]))
     if fresh:
         print(f"\nfirst load in a fresh process (median of {args.fresh} processes per side)")

@@ -22,6 +22,7 @@ Then: peak resident memory of this process (``ru_maxrss``; mapped file pages cou
 against the size of the feature file, and the table checked against a float64 brute force on a sample of
 classes. Ratios last. Targets (issue 6): mining <= 1.5x the floor, peak memory < 2x the file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ import numpy as np
 N_IMAGENET, C_IMAGENET, DIM = 1_281_167, 1000, 2048
 
 
-def imagenet_like_sizes(total: int = N_IMAGENET, classes: int = C_IMAGENET, smallest: int = 732,
-                        largest: int = 1300) -> list[int]:
+def imagenet_like_sizes(
+    total: int = N_IMAGENET, classes: int = C_IMAGENET, smallest: int = 732, largest: int = 1300
+) -> list[int]:
     """Deterministic class sizes summing to ``total``: most classes ``largest``, one ``smallest``, and a
     few in between with deficits falling linearly (ImageNet-1K: 1,281,167 images, 732 to 1,300 a class)."""
     deficit = largest * classes - total
@@ -62,8 +64,9 @@ def data_paths(folder: Path, sizes: list[int], order: str) -> tuple[Path, Path]:
     return folder / f"{stem}.features.npy", folder / f"{stem}.labels.npy"
 
 
-def generate(features_path: Path, labels_path: Path, sizes: list[int], order: str, seed: int = 0,
-             chunk: int = 16384) -> None:
+def generate(
+    features_path: Path, labels_path: Path, sizes: list[int], order: str, seed: int = 0, chunk: int = 16384
+) -> None:
     """Write float16 features (class mean + noise) and int64 labels; the files appear only when complete."""
     import torch
 
@@ -142,8 +145,9 @@ def main() -> None:
     if not (feat_path.is_file() and label_path.is_file()):
         print(f"writing {feat_path} ({sum(sizes) * DIM * 2 / 1e9:.2f} GB) in a child process ...", flush=True)
         start = time.perf_counter()
-        child = multiprocessing.get_context("spawn").Process(target=generate,
-                                                             args=(feat_path, label_path, sizes, args.order))
+        child = multiprocessing.get_context("spawn").Process(
+            target=generate, args=(feat_path, label_path, sizes, args.order)
+        )
         child.start()
         child.join()
         if child.exitcode != 0:
@@ -159,9 +163,12 @@ def main() -> None:
     features = np.load(feat_path, mmap_mode="r")
     labels = np.load(label_path)
     file_gb = feat_path.stat().st_size / 1e9
-    print(f"{len(labels):,} features x {features.shape[1]} ({features.dtype}, {file_gb:.2f} GB, {args.order}), "
-          f"{len(sizes)} classes of {min(sizes)}-{max(sizes)}, K = {args.k}, {torch.get_num_threads()} torch threads, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"{len(labels):,} features x {features.shape[1]} ({features.dtype}, {file_gb:.2f} GB, {args.order}), "
+        f"{len(sizes)} classes of {min(sizes)}-{max(sizes)}, K = {args.k}, {torch.get_num_threads()} torch threads, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
     before_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     half = len(sizes) // 2
@@ -171,19 +178,23 @@ def main() -> None:
     mining = time.perf_counter() - start
     floor += gram_floor(sizes[half:], seed=2)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: kilobytes
-    print(f"mining {mining:.1f} s, floor (Gram products) {floor:.1f} s, peak RSS {peak_gb:.2f} GB "
-          f"({before_gb:.2f} GB before mining: torch and the labels), load average {os.getloadavg()[0]:.1f}",
-          flush=True)
+    print(
+        f"mining {mining:.1f} s, floor (Gram products) {floor:.1f} s, peak RSS {peak_gb:.2f} GB "
+        f"({before_gb:.2f} GB before mining: torch and the labels), load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
     rng = np.random.default_rng(0)
     sample = sorted(rng.choice(len(sizes), size=min(args.check_classes, len(sizes)), replace=False).tolist())
     if 0 not in sample:
         sample[0] = 0  # the smallest class
     check = brute_force_check(features, labels, idx, sim, sample, args.k)
-    print(f"brute force (float64) on classes {sample}: {check['rows']} rows, all within "
-          f"{check['max_abs_diff']:.1e} of the top-{args.k} similarities; {check['rows_identical']} rows "
-          f"with identical indices ({check['rows'] - check['rows_identical']} differ only between near-equal "
-          "neighbours)")
+    print(
+        f"brute force (float64) on classes {sample}: {check['rows']} rows, all within "
+        f"{check['max_abs_diff']:.1e} of the top-{args.k} similarities; {check['rows_identical']} rows "
+        f"with identical indices ({check['rows'] - check['rows_identical']} differ only between near-equal "
+        "neighbours)"
+    )
     print()
     ratio, mem = mining / floor, peak_gb / file_gb
     print(f"ratio mining/floor: {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")

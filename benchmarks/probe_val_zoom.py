@@ -12,6 +12,7 @@ larger than the whole image shows them (FixRes, Touvron et al. 2019).
 
 Prints one row per protocol and one column per view; --out writes the numbers as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,14 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     from scan_zoo.models import features as evaluation
     from scan_zoo.models.loading import load_backbone
 
-    p = argparse.ArgumentParser(prog="probe_val_zoom.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="probe_val_zoom.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("model", help="run/export directory, checkpoint directory, .safetensors file or zoo name")
     p.add_argument("--data", default="digits", help="ImageFolder root with train/ and val/, or 'digits' (default)")
-    p.add_argument("--train-resize", type=int,
-                   help="the protocols' own validation resize (default: theirs, crop / 0.875)")
-    p.add_argument("--resizes", type=int, nargs="+", default=[32, 34, 35, 36, 37, 38],
-                   help="validation resizes to score (default: 32 34 35 36 37 38)")
+    p.add_argument(
+        "--train-resize", type=int, help="the protocols' own validation resize (default: theirs, crop / 0.875)"
+    )
+    p.add_argument(
+        "--resizes",
+        type=int,
+        nargs="+",
+        default=[32, 34, 35, 36, 37, 38],
+        help="validation resizes to score (default: 32 34 35 36 37 38)",
+    )
     p.add_argument("--crop-draws", type=int, default=3, help="draws of the training crops of val (default: 3)")
     p.add_argument("--epochs", type=int, default=100, help="linear-layer epochs of both protocols (default: 100)")
     p.add_argument("--seed", type=int, default=0)
@@ -56,18 +64,32 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for protocol in probe.PROTOCOLS:
         cfg = probe.resolve_config(
-            probe.ProbeConfig(protocol=protocol, epochs=args.epochs, seed=args.seed, num_workers=args.num_workers,
-                              eval_resize=args.train_resize, progress=False),
-            probe.model_preprocessing(backbone, weights), args.data)
+            probe.ProbeConfig(
+                protocol=protocol,
+                epochs=args.epochs,
+                seed=args.seed,
+                num_workers=args.num_workers,
+                eval_resize=args.train_resize,
+                progress=False,
+            ),
+            probe.model_preprocessing(backbone, weights),
+            args.data,
+        )
         feats = probe.centre_crop_features(backbone, train, val, cfg)
-        classifier, history = probe.fit_linear(probe.training_batches(backbone, train, feats, cfg),
-                                               feats["train_features"].shape[1], len(train.classes),
-                                               feats["val_features"], feats["val_labels"], cfg)
+        classifier, history = probe.fit_linear(
+            probe.training_batches(backbone, train, feats, cfg),
+            feats["train_features"].shape[1],
+            len(train.classes),
+            feats["val_features"],
+            feats["val_labels"],
+            cfg,
+        )
         row = {"validated_at": cfg.eval_resize, "reported_top1": history[-1]["top1"]}
         for resize in args.resizes:
             tf = data_lib.eval_transform(cfg.image_size, resize, cfg.mean, cfg.std)
-            f, y = evaluation.extract_features(backbone, data_lib.EvalImages(val, tf), 256, args.num_workers,
-                                               "cpu", progress=False)  # [M, D], [M]
+            f, y = evaluation.extract_features(
+                backbone, data_lib.EvalImages(val, tf), 256, args.num_workers, "cpu", progress=False
+            )  # [M, D], [M]
             row[f"resize {resize}"] = probe.classifier_accuracy(classifier, f, y)["top1"]
         crops = data_lib.EvalImages(val, probe.train_transform(dataclasses.replace(cfg, protocol="moco")))
         scores = []
@@ -84,8 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     for protocol, row in rows.items():
         print(f"{protocol:<9}{row['reported_top1']:>9.2f}" + "".join(f"{row[v]:>16.2f}" for v in views))
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": args.model, "data": args.data, "seed": args.seed,
-                                              "epochs": args.epochs, "protocols": rows}, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps(
+                {"model": args.model, "data": args.data, "seed": args.seed, "epochs": args.epochs, "protocols": rows},
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

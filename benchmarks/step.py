@@ -24,6 +24,7 @@ the CPU time of a one-thread step measures the work it did.
 ``--device cuda`` with ``--channels-last``, ``--bf16`` (autocast) and ``--compile`` (torch.compile) is for a
 GPU; without one those parts are skipped with a message.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,14 @@ def build(method: str, args):
     from scan_zoo.models.backbones import create_backbone
     from scan_zoo.train.config import TrainConfig
 
-    cfg = TrainConfig(method=method, model=args.model, batch_size=args.batch, queue_size=args.queue_size,
-                      k=args.k, image_size=args.image_size).validate()
+    cfg = TrainConfig(
+        method=method,
+        model=args.model,
+        batch_size=args.batch,
+        queue_size=args.queue_size,
+        k=args.k,
+        image_size=args.image_size,
+    ).validate()
     torch.manual_seed(0)
     model = build_method(cfg, create_backbone(cfg.model), NUM_CLASSES).to(args.device)
     if args.channels_last:
@@ -68,9 +75,12 @@ def build(method: str, args):
     batches = []
     for step, slots in zip(range(args.steps), iter(sampler)):
         index = torch.tensor([s[0] for s in slots])  # [B]
-        batch = {"index": index, "label": labels[index], "group": torch.tensor([s[2] for s in slots]),
-                 "views": [torch.randn(len(slots), 3, args.image_size, args.image_size, generator=g)
-                           for _ in range(views)]}
+        batch = {
+            "index": index,
+            "label": labels[index],
+            "group": torch.tensor([s[2] for s in slots]),
+            "views": [torch.randn(len(slots), 3, args.image_size, args.image_size, generator=g) for _ in range(views)],
+        }
         batch = {k: ([t.to(args.device) for t in v] if k == "views" else v.to(args.device)) for k, v in batch.items()}
         if args.channels_last:
             batch["views"] = [t.contiguous(memory_format=torch.channels_last) for t in batch["views"]]
@@ -105,8 +115,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1, help="steps per method per repeat")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall clock, or this process's CPU time (needs --threads 1)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall clock, or this process's CPU time (needs --threads 1)",
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--channels-last", action="store_true", help="GPU: channels_last memory format")
     p.add_argument("--bf16", action="store_true", help="GPU: bf16 autocast")
@@ -132,10 +146,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = {m: build(m, args) for m in ((args.profile,) if args.profile else METHODS)}
-    print(f"{args.model} at {args.image_size} px, global batch {args.batch} images, queue {args.queue_size}, "
-          f"K = {args.k}, {args.device}, {torch.get_num_threads()} torch threads, {args.clock} clock"
-          + (f", {', '.join(gpu_only)}" if args.device == "cuda" and gpu_only else "")
-          + f", load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"{args.model} at {args.image_size} px, global batch {args.batch} images, queue {args.queue_size}, "
+        f"K = {args.k}, {args.device}, {torch.get_num_threads()} torch threads, {args.clock} clock"
+        + (f", {', '.join(gpu_only)}" if args.device == "cuda" and gpu_only else "")
+        + f", load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     for run in runs.values():  # warm-up: allocator, oneDNN kernels
         run_steps(*run, args)
 
@@ -151,7 +168,7 @@ def main() -> None:
     rates = {m: [] for m in runs}
     order = list(runs)
     for r in range(args.repeats):
-        for m in order[r % len(order):] + order[:r % len(order)]:
+        for m in order[r % len(order) :] + order[: r % len(order)]:
             run = runs[m]
             start = clock()
             images = run_steps(*run, args)
@@ -161,8 +178,11 @@ def main() -> None:
     for m, r in rates.items():
         print(f"{m:12s} {med[m]:9.1f}   ({min(r):.1f}-{max(r):.1f})")
     print(f"load average {os.getloadavg()[0]:.1f}\n")
-    for name, a, b, target in (("SCAN/MoCo", "scan", "moco", 0.95), ("MoCo/supervised", "moco", "supervised", 0.70),
-                               ("SupCon/MoCo", "supcon", "moco", None)):
+    for name, a, b, target in (
+        ("SCAN/MoCo", "scan", "moco", 0.95),
+        ("MoCo/supervised", "moco", "supervised", 0.70),
+        ("SupCon/MoCo", "supcon", "moco", None),
+    ):
         r = med[a] / med[b]
         verdict = f" (target >= {target}: {'met' if r >= target else 'NOT met'})" if target else " (no target)"
         print(f"ratio {name} images/s: {r:.3f}{verdict}")

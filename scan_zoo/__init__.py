@@ -6,6 +6,7 @@ This is not SCAN clustering ("Learning to Classify Images without Labels", Van G
 Importing the package registers the zoo's weights as timm pretrained tags:
 ``timm.create_model('test_resnet.scan_digits', pretrained=True)``.
 """
+
 from scan_zoo.common.errors import UserError
 from scan_zoo.core.losses import masked_info_nce
 from scan_zoo.core.neighbors import mine_neighbors
@@ -14,7 +15,15 @@ from scan_zoo.zoo.registry import ENTRIES, get_entry, list_models
 from scan_zoo.zoo.timm_bridge import install as _install_timm_tags
 
 __version__ = "0.1.0"
-__all__ = ["ENTRIES", "UserError", "get_entry", "list_models", "masked_info_nce", "mine_neighbors",
-           "load_neighbors", "__version__"]
+__all__ = [
+    "ENTRIES",
+    "UserError",
+    "get_entry",
+    "list_models",
+    "masked_info_nce",
+    "mine_neighbors",
+    "load_neighbors",
+    "__version__",
+]
 
 _install_timm_tags()

@@ -1,4 +1,5 @@
 """The ``scan-zoo`` command: data, stage-1 mining, the zoo (list, export, publish, README table), converters."""
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,17 @@ def _cmd_mine(args) -> int:
     check_k(args.k)  # before the data are rendered or listed
     root = data_lib.resolve_data_root(args.data, args.data_cache)
     out = Path(args.out)
-    mine_dataset(args.model, root, out, args.k, args.image_size, args.eval_resize, arch=args.arch,
-                 batch_size=args.batch_size, num_workers=args.num_workers)
+    mine_dataset(
+        args.model,
+        root,
+        out,
+        args.k,
+        args.image_size,
+        args.eval_resize,
+        arch=args.arch,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
     print(f"neighbour table (K={args.k}) written to {out}")
     return 0
 
@@ -52,8 +62,12 @@ def _cmd_convert_timm(args) -> int:
     weights = to_timm(state, args.arch, layout, source=str(args.checkpoint))
     model = create_backbone(args.arch)
     model.load_state_dict(weights, strict=True)
-    out = export_backbone(model, Path(args.out), data_config_for(args.image_size, None, IMAGENET_MEAN, IMAGENET_STD),
-                          {"converted_from": str(args.checkpoint), "layout": layout})
+    out = export_backbone(
+        model,
+        Path(args.out),
+        data_config_for(args.image_size, None, IMAGENET_MEAN, IMAGENET_STD),
+        {"converted_from": str(args.checkpoint), "layout": layout},
+    )
     print(f"{layout} checkpoint -> {out} ({len(weights)} tensors, plain timm keys for {args.arch})")
     return 0
 
@@ -74,19 +88,37 @@ def _cmd_list(args) -> int:
 
     rows = [e for e in ENTRIES if fnmatch.fnmatch(e.name, args.pattern) and (e.has_weights or not args.with_weights)]
     if args.json:
-        print(json.dumps([{"name": e.name, "method": e.method, "status": e.status, "data": e.data,
-                           "recipe": e.recipe_command, "metrics": e.metrics, "reported": e.reported,
-                           **{k: e.facts.get(k) for k in ("hf_hub_id", "revision", "sha256")}} for e in rows],
-                         indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": e.name,
+                        "method": e.method,
+                        "status": e.status,
+                        "data": e.data,
+                        "recipe": e.recipe_command,
+                        "metrics": e.metrics,
+                        "reported": e.reported,
+                        **{k: e.facts.get(k) for k in ("hf_hub_id", "revision", "sha256")},
+                    }
+                    for e in rows
+                ],
+                indent=2,
+            )
+        )
         return 0
-    table = [("name", "method", "weights", "metrics")] + [(e.name, e.method, e.status, metrics_summary(e)) for e in rows]
+    table = [("name", "method", "weights", "metrics")] + [
+        (e.name, e.method, e.status, metrics_summary(e)) for e in rows
+    ]
     widths = [max(len(r[i]) for r in table) for i in range(3)]
     for i, r in enumerate(table):
         print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
         if i == 0:
             print("  ".join("-" * w for w in widths) + "  " + "-" * 7)
-    print(f"\n{len(rows)} entries; 'shipped' load offline, 'published' download at a pinned revision, "
-          "'recipe' has no weights yet.")
+    print(
+        f"\n{len(rows)} entries; 'shipped' load offline, 'published' download at a pinned revision, "
+        "'recipe' has no weights yet."
+    )
     return 0
 
 
@@ -102,8 +134,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_publish(args) -> int:
-    r = publish(args.folder, args.repo_id, endpoint=args.endpoint, private=args.private,
-                record_lock=not args.no_record)
+    r = publish(args.folder, args.repo_id, endpoint=args.endpoint, private=args.private, record_lock=not args.no_record)
     print(f"published {r['name']} to {r['repo_id']} at revision {r['revision']}")
     print(f"  commit: {r['commit_url']}")
     print(f"  sha256: {r['sha256']}")
@@ -139,7 +170,9 @@ def _cmd_build_digits(args) -> int:
     built = build_digits(args.work_dir, args.only, num_workers=args.num_workers)
     for b in built:
         linear, knn = headline(b["results"])
-        print(f"{b['name']}: linear top-1 {linear}, kNN top-1 {knn}; shipped in {b['folder']} (sha256 {b['sha256'][:12]})")
+        print(
+            f"{b['name']}: linear top-1 {linear}, kNN top-1 {knn}; shipped in {b['folder']} (sha256 {b['sha256'][:12]})"
+        )
     readme = Path(args.readme)
     if readme.is_file():
         readme.write_text(update_readme(readme.read_text(), readme.resolve().parent))
@@ -148,8 +181,11 @@ def _cmd_build_digits(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scan-zoo", description="SCAN (Supervised Contrastive Adjustment in "
-                                "Neighborhood, Wei et al.) model zoo tools. Not SCAN clustering (Van Gansbeke et al.).")
+    p = argparse.ArgumentParser(
+        prog="scan-zoo",
+        description="SCAN (Supervised Contrastive Adjustment in "
+        "Neighborhood, Wei et al.) model zoo tools. Not SCAN clustering (Van Gansbeke et al.).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="write a data set to disk")
@@ -162,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     dg.set_defaults(func=_cmd_data)
 
     m = sub.add_parser("mine", help="SCAN stage 1: per-class top-K neighbours from a label-free model")
-    m.add_argument("--model", required=True, help="label-free model: run/export directory, .safetensors file, "
-                   "or timm name with weights (hf-hub:..., local-dir:...)")
+    m.add_argument(
+        "--model",
+        required=True,
+        help="label-free model: run/export directory, .safetensors file, "
+        "or timm name with weights (hf-hub:..., local-dir:...)",
+    )
     m.add_argument("--data", default="digits", help="ImageFolder root (uses its train/ split) or 'digits'")
     m.add_argument("--data-cache", default=None, help="where 'digits' is rendered")
     m.add_argument("--out", required=True, help="neighbour file to write (.safetensors)")
@@ -196,10 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="a training run -> a zoo model folder (weights, config.json, model card)")
     ex.add_argument("run_dir", help="run directory holding model.safetensors and config.json (train.py's output)")
-    ex.add_argument("--name", required=True, help="a zoo name <arch>.<tag> (scan-zoo list), or ORG/MODEL for your "
-                    "own run (its card then describes that run)")
-    ex.add_argument("--out", default=None, help="output folder (required for a zoo name; ORG/MODEL: default "
-                    "runs/export/ORG/MODEL)")
+    ex.add_argument(
+        "--name",
+        required=True,
+        help="a zoo name <arch>.<tag> (scan-zoo list), or ORG/MODEL for your "
+        "own run (its card then describes that run)",
+    )
+    ex.add_argument(
+        "--out", default=None, help="output folder (required for a zoo name; ORG/MODEL: default runs/export/ORG/MODEL)"
+    )
     ex.add_argument("--force", action="store_true", help="ORG/MODEL: replace the export files of a non-empty --out")
     ex.set_defaults(func=_cmd_export)
 
@@ -211,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--no-record", action="store_true", help="do not record revision and sha256 in the zoo lock")
     pb.set_defaults(func=_cmd_publish)
 
-    rd = sub.add_parser("readme", help="regenerate the README's zoo table and docs/results.md from the registry and results/*.json")
+    rd = sub.add_parser(
+        "readme", help="regenerate the README's zoo table and docs/results.md from the registry and results/*.json"
+    )
     rd.add_argument("--path", default="README.md", help="the page holding the zoo table (default README.md)")
     rd.add_argument("--results", default="docs/results.md", help="the page holding the results section")
     rd.add_argument("--check", action="store_true", help="exit 1 if the table is out of date, change nothing")

@@ -2,6 +2,7 @@
 
 Test modules import from here, never from one another.
 """
+
 import json
 import math
 import os
@@ -24,8 +25,9 @@ PYTHON = sys.executable
 BIN = Path(sys.executable).parent
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 16, size: int = 16, seed: int = 0,
-                      val_per_class: int = 4) -> Path:
+def make_image_folder(
+    root: Path, classes: int = 3, per_class: int = 16, size: int = 16, seed: int = 0, val_per_class: int = 4
+) -> Path:
     """A small ImageFolder (train/ and val/) of coloured noise with a class-dependent tint."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", per_class), ("val", val_per_class)):
@@ -44,6 +46,7 @@ def run_cli(args, env=None, timeout=600):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -51,21 +54,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-COMMON = ["--model", "test_resnet", "--image-size", "16", "--eval-resize", "16", "--num-workers", "0",
-          "--log-every-steps", "1"]
+COMMON = [
+    "--model",
+    "test_resnet",
+    "--image-size",
+    "16",
+    "--eval-resize",
+    "16",
+    "--num-workers",
+    "0",
+    "--log-every-steps",
+    "1",
+]
 
 
 def launch(args, env=None):
     """train.py under ``accelerate launch`` with two CPU processes (gloo) on this machine."""
-    return run_cli([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    "--main_process_port", str(free_port()), "train.py", *args], env=env)
+    return run_cli(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "train.py",
+            *args,
+        ],
+        env=env,
+    )
 
 
 def cfg_for(data, out, **kw):
     """A tiny MoCo run's config on ``data`` (48 images: 6 steps an epoch), ``kw`` overriding."""
-    base = dict(method="moco", model="test_resnet", data=str(data), output_dir=str(out), epochs=2, batch_size=8,
-                queue_size=16, image_size=16, eval_resize=16, num_workers=0, log_every_steps=1, lr=0.05, seed=1)
+    base = dict(
+        method="moco",
+        model="test_resnet",
+        data=str(data),
+        output_dir=str(out),
+        epochs=2,
+        batch_size=8,
+        queue_size=16,
+        image_size=16,
+        eval_resize=16,
+        num_workers=0,
+        log_every_steps=1,
+        lr=0.05,
+        seed=1,
+    )
     base.update(kw)
     return build_config(base)
 
@@ -81,7 +124,7 @@ def paused(cmd: list, pause: str | None) -> list:
     if not pause:
         return list(cmd)
     i = cmd.index("train.py")
-    return [*cmd[:i], str(ROOT / "tests" / "pause_train.py"), "--pause", pause, *cmd[i + 1:]]
+    return [*cmd[:i], str(ROOT / "tests" / "pause_train.py"), "--pause", pause, *cmd[i + 1 :]]
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
@@ -128,6 +171,7 @@ def _running(pid: int) -> bool:
         return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
+
 
 def naive_info_nce(anchors) -> float:
     """The one naive InfoNCE every loss test reduces to: a float64 loop with math.exp.

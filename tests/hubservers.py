@@ -52,10 +52,24 @@ LOOPBACK = "127.0.0.1"
 # Variables that would send a client elsewhere, authenticate it, or make it refuse loopback (HF_HUB_OFFLINE blocks
 # every request, loopback included) or share a cache with other runs.
 _CLIENT_ENV_DROP = (
-    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH",
-    "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_XET_CACHE", "HF_ASSETS_CACHE", "TRANSFORMERS_CACHE",
-    "HF_ENDPOINT", "HF_HOME",
-    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_XET_CACHE",
+    "HF_ASSETS_CACHE",
+    "TRANSFORMERS_CACHE",
+    "HF_ENDPOINT",
+    "HF_HOME",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
 )
 
 
@@ -82,8 +96,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_request(url: str, timeout: float = 10, data: bytes | None = None,
-                 headers: dict | None = None) -> tuple[int, bytes]:
+def http_request(
+    url: str, timeout: float = 10, data: bytes | None = None, headers: dict | None = None
+) -> tuple[int, bytes]:
     """GET (POST if ``data``) straight to ``url``, ignoring proxy settings; returns (status, body), raising only
     for connection errors."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -101,7 +116,11 @@ def _git(cwd: Path, *args: str) -> str:
     env.update(GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1")
     out = subprocess.run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
-        cwd=cwd, env=env, check=True, capture_output=True, text=True,
+        cwd=cwd,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return out.stdout.strip()
 
@@ -185,7 +204,10 @@ class OlahServer:
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [str(olah_cli), "-c", str(toml), "--log-path", str(self.root / "logs")],
-            cwd=self.root, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=self.root,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env={k: v for k, v in os.environ.items() if k not in _CLIENT_ENV_DROP},
         )
         # backstop: kill olah even if nobody calls stop() (e.g. an exception between start() and the with-block)
@@ -406,14 +428,31 @@ class HubWriteStandIn:
                 return 404, {"error": f"Repository not found: {repo_id}"}, {"X-Error-Code": "RepoNotFound"}
             if action == "preupload":
                 files = self.repos[repo_id]
-                return 200, {"files": [
-                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                     "oid": git_blob_sha(files[f["path"]]) if f["path"] in files else None}
-                    for f in json.loads(body)["files"]
-                ]}, {}
+                return (
+                    200,
+                    {
+                        "files": [
+                            {
+                                "path": f["path"],
+                                "uploadMode": "regular",
+                                "shouldIgnore": False,
+                                "oid": git_blob_sha(files[f["path"]]) if f["path"] in files else None,
+                            }
+                            for f in json.loads(body)["files"]
+                        ]
+                    },
+                    {},
+                )
             if action == "revision":
-                return 200, {"id": repo_id, "sha": self.heads.get(repo_id),
-                             "siblings": [{"rfilename": p} for p in sorted(self.repos[repo_id])]}, {}
+                return (
+                    200,
+                    {
+                        "id": repo_id,
+                        "sha": self.heads.get(repo_id),
+                        "siblings": [{"rfilename": p} for p in sorted(self.repos[repo_id])],
+                    },
+                    {},
+                )
             return self._commit(repo_type, repo_id, body) or not_understood()
 
     def _checked_auth(self, auth):
@@ -465,8 +504,17 @@ class HubWriteStandIn:
         self.heads[repo_id] = oid
         self.commits.append({"repo_id": repo_id, "oid": oid, "message": header.get("summary"), "files": added})
         prefix = "" if repo_type == "model" else f"{repo_type}s/"
-        return 200, {"success": True, "commitOid": oid, "commitUrl": f"{self.endpoint}/{prefix}{repo_id}/commit/{oid}",
-                     "hookOutput": "", "pullRequestUrl": None}, {}
+        return (
+            200,
+            {
+                "success": True,
+                "commitOid": oid,
+                "commitUrl": f"{self.endpoint}/{prefix}{repo_id}/commit/{oid}",
+                "hookOutput": "",
+                "pullRequestUrl": None,
+            },
+            {},
+        )
 
 
 def _read_body(h: BaseHTTPRequestHandler) -> bytes:
@@ -485,8 +533,9 @@ def _read_body(h: BaseHTTPRequestHandler) -> bytes:
 
 def run_client(code: str, env: dict, timeout: float = 120) -> dict:
     """Run ``code`` in a fresh interpreter; it must print one JSON object as its last stdout line."""
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, f"client failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -499,9 +548,12 @@ def make_digits_export(tmp_path: Path, results: dict | None = None) -> Path:
     from scan_zoo.zoo.hub import export
 
     run = tmp_path / "run"
-    export_backbone(create_backbone("test_resnet"), run,
-                    data_config_for(32, 32, registry.IMAGENET_MEAN, registry.IMAGENET_STD),
-                    {"method": "moco", "steps": 1, "epochs": 1, "num_train_images": 1})
+    export_backbone(
+        create_backbone("test_resnet"),
+        run,
+        data_config_for(32, 32, registry.IMAGENET_MEAN, registry.IMAGENET_STD),
+        {"method": "moco", "steps": 1, "epochs": 1, "num_train_images": 1},
+    )
     if results is not None:
         (run / "eval_results.json").write_text(json.dumps(results))
     return export(run, "test_resnet.moco_digits", tmp_path / "export")

@@ -7,6 +7,7 @@ A process reaching a listed ``<point>:<step>`` (:mod:`scan_zoo.train.events`) wr
 the test can SIGKILL it, signal it, or change the data at exactly that moment, and delete the file to let it
 go on. Runs under ``accelerate launch`` as train.py does (every process pauses).
 """
+
 import os
 import sys
 import time
@@ -28,6 +29,7 @@ def pauser(wanted: set[str]):
         deadline = time.monotonic() + 300
         while marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
     return on_event
 
 

@@ -1,4 +1,5 @@
 """Broken and unusual files in an ImageFolder: converted where possible, skipped and listed otherwise."""
+
 import numpy as np
 import pytest
 from helpers import make_image_folder
@@ -21,8 +22,14 @@ def write_modes(d):
     Image.new("RGBA", (8, 8), (1, 2, 3, 128)).save(d / "rgba.png")
     Image.new("CMYK", (8, 8), (0, 0, 0, 0)).save(d / "cmyk.jpg")
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(d / "sixteen_bit.png")
-    return {"grey.png": (200, 200, 200), "grey_alpha.png": (100, 100, 100), "palette.png": (10, 20, 30),
-            "rgba.png": (1, 2, 3), "cmyk.jpg": (255, 255, 255), "sixteen_bit.png": (255, 255, 255)}
+    return {
+        "grey.png": (200, 200, 200),
+        "grey_alpha.png": (100, 100, 100),
+        "palette.png": (10, 20, 30),
+        "rgba.png": (1, 2, 3),
+        "cmyk.jpg": (255, 255, 255),
+        "sixteen_bit.png": (255, 255, 255),
+    }
 
 
 def write_broken(d):
@@ -58,9 +65,21 @@ def test_training_skips_counts_and_lists_unreadable_images(tmp_path):
     bad = write_broken(data / "train" / "class_2")
     (data / "train" / "class_9_empty").mkdir()
     (data / "val" / "class_9_empty").mkdir()
-    cfg = build_config(dict(method="moco", model="test_resnet", data=str(data), output_dir=str(tmp_path / "run"),
-                            epochs=1, batch_size=8, queue_size=16, image_size=16, eval_resize=16, num_workers=0,
-                            log_every_steps=1))
+    cfg = build_config(
+        dict(
+            method="moco",
+            model="test_resnet",
+            data=str(data),
+            output_dir=str(tmp_path / "run"),
+            epochs=1,
+            batch_size=8,
+            queue_size=16,
+            image_size=16,
+            eval_resize=16,
+            num_workers=0,
+            log_every_steps=1,
+        )
+    )
     r = run_training(cfg)
     assert r["finished"]
     listed = (tmp_path / "run" / "skipped_images.txt").read_text()
@@ -72,6 +91,7 @@ def test_training_skips_counts_and_lists_unreadable_images(tmp_path):
 
 def test_a_very_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
     from scan_zoo.data import imageio
+
     path = tmp_path / "huge.jpg"
     Image.new("RGB", (9000, 6000), (30, 60, 90)).save(path, quality=80)
     img = rgb_loader(str(path))

@@ -1,5 +1,6 @@
 """The cluster recipes of scripts/ (docs/cluster.md): they parse, pass only options train.py and accelerate know,
 name files that exist, and requeue a preempted job, run by bash against stand-ins for srun/scontrol/squeue."""
+
 import functools
 import os
 import re
@@ -101,12 +102,14 @@ def fake_bin(tmp: Path) -> Path:
     b.mkdir()
     scripts = {
         "srun": 'export SLURM_NODEID=0\nexec "$@"\n',
-        "accelerate": ('printf "%s\\n" "$@" > "$FAKE_LOG/accelerate.args"\n'
-                       'if [[ $FAKE_RC == wait ]]; then\n'
-                       '  trap \'echo USR1 > "$FAKE_LOG/usr1"; exit 138\' USR1\n'
-                       '  touch "$FAKE_LOG/ready"\n'
-                       '  while true; do sleep 0.05; done\n'
-                       'fi\nexit "$FAKE_RC"\n'),
+        "accelerate": (
+            'printf "%s\\n" "$@" > "$FAKE_LOG/accelerate.args"\n'
+            "if [[ $FAKE_RC == wait ]]; then\n"
+            "  trap 'echo USR1 > \"$FAKE_LOG/usr1\"; exit 138' USR1\n"
+            '  touch "$FAKE_LOG/ready"\n'
+            "  while true; do sleep 0.05; done\n"
+            'fi\nexit "$FAKE_RC"\n'
+        ),
         "scontrol": ('if [[ $1 == show ]]; then echo node001; else echo "$@" >> "$FAKE_LOG/scontrol"; fi\n'),
         "squeue": 'echo "$FAKE_LEFT"\n',
     }
@@ -121,14 +124,30 @@ def start(script: str, tmp: Path, rc, nodes: int = 4, restarts: int = 0, left: s
     it (a Python start, slow on a loaded machine), else LR is set."""
     log = tmp / "log"
     log.mkdir(exist_ok=True)
-    env = {**os.environ, "PATH": f"{fake_bin(tmp)}:{BIN}:/usr/bin:/bin", "REPO": str(ROOT), "DATA": "/data/in1k",
-           "OUT": str(tmp / "run"), "SLURM_JOB_ID": "4242", "SLURM_NNODES": str(nodes),
-           "SLURM_JOB_NODELIST": "node[001-004]", "SLURM_RESTART_COUNT": str(restarts), "FAKE_RC": str(rc),
-           "FAKE_LOG": str(log), "FAKE_LEFT": left}
+    env = {
+        **os.environ,
+        "PATH": f"{fake_bin(tmp)}:{BIN}:/usr/bin:/bin",
+        "REPO": str(ROOT),
+        "DATA": "/data/in1k",
+        "OUT": str(tmp / "run"),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_NODELIST": "node[001-004]",
+        "SLURM_RESTART_COUNT": str(restarts),
+        "FAKE_RC": str(rc),
+        "FAKE_LOG": str(log),
+        "FAKE_LEFT": left,
+    }
     if lr is not None:
         env["LR"] = lr
-    proc = subprocess.Popen(["bash", str(SCRIPTS / "slurm" / script)], env=env, cwd=tmp,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPTS / "slurm" / script)],
+        env=env,
+        cwd=tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, log
 
 
@@ -151,15 +170,20 @@ def test_finished_run_is_not_requeued(script, tmp_path):
     assert value_after(args, "--num_processes") == "32" and value_after(args, "--num_machines") == "4"
     assert value_after(args, "--resume") == "latest"
     assert value_after(args, "--time-limit") == str(3600 - 240)
-    assert Path(value_after(args, "--config")).name == {"scan_4x8.sbatch": "scan_in1k.yaml",
-                                                        "moco_4x8.sbatch": "moco_v2_in1k.yaml"}[script]
+    assert (
+        Path(value_after(args, "--config")).name
+        == {"scan_4x8.sbatch": "scan_in1k.yaml", "moco_4x8.sbatch": "moco_v2_in1k.yaml"}[script]
+    )
 
 
 @pytest.mark.slow  # a Python start per case inside the script: slow on a loaded machine
-@pytest.mark.parametrize("script, nodes, lr", [
-    ("scan_4x8.sbatch", 1, 0.4),    # 8 x 384 = 3,072: a quarter of the paper's 1.6
-    ("moco_4x8.sbatch", 4, 0.12),   # MoCo-v2's 0.03 for 256; 32 x 32 = 1,024
-])
+@pytest.mark.parametrize(
+    "script, nodes, lr",
+    [
+        ("scan_4x8.sbatch", 1, 0.4),  # 8 x 384 = 3,072: a quarter of the paper's 1.6
+        ("moco_4x8.sbatch", 4, 0.12),  # MoCo-v2's 0.03 for 256; 32 x 32 = 1,024
+    ],
+)
 def test_lr_scaled_to_the_launch(script, nodes, lr, tmp_path):
     proc, log = start(script, tmp_path, 0, nodes=nodes, lr=None)
     _, err = proc.communicate(timeout=300)
@@ -168,25 +192,33 @@ def test_lr_scaled_to_the_launch(script, nodes, lr, tmp_path):
     assert value_after(launched(log), "--num_processes") == str(8 * nodes)
 
 
-@pytest.mark.parametrize("recipe, processes, batch, lr", [
-    ("scan_in1k.yaml", 32, None, 1.6),   # the paper: 32 x 384 at 1.6
-    ("scan_in1k.yaml", 8, None, 0.4),
-    ("scan_in1k.yaml", 32, 192, 0.8),    # 64 anchors x 3 per GPU
-    ("moco_v2_in1k.yaml", 8, None, 0.03),
-    ("moco_v2_in1k.yaml", 32, None, 0.12),
-])
+@pytest.mark.parametrize(
+    "recipe, processes, batch, lr",
+    [
+        ("scan_in1k.yaml", 32, None, 1.6),  # the paper: 32 x 384 at 1.6
+        ("scan_in1k.yaml", 8, None, 0.4),
+        ("scan_in1k.yaml", 32, 192, 0.8),  # 64 anchors x 3 per GPU
+        ("moco_v2_in1k.yaml", 8, None, 0.03),
+        ("moco_v2_in1k.yaml", 32, None, 0.12),
+    ],
+)
 def test_scaled_lr_script(recipe, processes, batch, lr, capsys):
     main = runpy.run_path(str(SCRIPTS / "slurm" / "scaled_lr.py"))["main"]
-    argv = [str(ROOT / "scan_zoo" / "recipes" / recipe), str(processes)] + (["--batch-size", str(batch)] if batch else [])
+    argv = [str(ROOT / "scan_zoo" / "recipes" / recipe), str(processes)] + (
+        ["--batch-size", str(batch)] if batch else []
+    )
     assert main(argv) == 0
     assert float(capsys.readouterr().out) == pytest.approx(lr, rel=1e-9)
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["scan_zoo/recipes/digits_scan.yaml", "2"], "_meta.processes"),   # no reference batch stated
-    (["scan_zoo/recipes/no_such.yaml", "2"], "not found"),
-    (["scan_zoo/recipes/scan_in1k.yaml", "0"], "at least 1"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["scan_zoo/recipes/digits_scan.yaml", "2"], "_meta.processes"),  # no reference batch stated
+        (["scan_zoo/recipes/no_such.yaml", "2"], "not found"),
+        (["scan_zoo/recipes/scan_in1k.yaml", "0"], "at least 1"),
+    ],
+)
 def test_scaled_lr_script_errors(argv, says, capsys):
     main = runpy.run_path(str(SCRIPTS / "slurm" / "scaled_lr.py"))["main"]
     assert main([str(ROOT / argv[0]), *argv[1:]]) == 2
@@ -231,7 +263,7 @@ def test_usr1_notice_reaches_the_step_and_requeues(script, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does: the batch shell only
     _, err = proc.communicate(timeout=60)
-    assert (log / "usr1").exists(), err          # passed on to the launcher
-    assert proc.returncode == 138                # the launcher's status after the signal, reported as it was
+    assert (log / "usr1").exists(), err  # passed on to the launcher
+    assert proc.returncode == 138  # the launcher's status after the signal, reported as it was
     assert (log / "scontrol").read_text().split() == ["requeue", "4242"], err
     assert "preemption notice" in err

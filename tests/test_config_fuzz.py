@@ -1,6 +1,7 @@
 """Every config field is typed and range-checked in one place: random valid and invalid values, given through
 YAML and the command line, either make a config or raise one UserError naming each bad field, nothing else;
 sampled valid configs start training; the values found to slip through end in one line and exit 2."""
+
 import dataclasses
 import importlib.util
 import math
@@ -59,12 +60,20 @@ def valid_values(name: str, spec) -> st.SearchStrategy:
         base = TEXT.filter(lambda s: len(s) >= spec.bound.min_len)
     elif spec.base is int:
         lo, hi = spec.bound.lo, spec.bound.hi
-        base = st.integers(-INT64_MAX if lo is None else int(lo) + spec.bound.lo_open,
-                           INT64_MAX if hi is None else int(hi) - spec.bound.hi_open)
+        base = st.integers(
+            -INT64_MAX if lo is None else int(lo) + spec.bound.lo_open,
+            INT64_MAX if hi is None else int(hi) - spec.bound.hi_open,
+        )
     elif spec.base is float:
         b = spec.bound
-        base = st.floats(b.lo, b.hi, exclude_min=b.lo_open and b.lo is not None,
-                         exclude_max=b.hi_open and b.hi is not None, allow_nan=False, allow_infinity=False)
+        base = st.floats(
+            b.lo,
+            b.hi,
+            exclude_min=b.lo_open and b.lo is not None,
+            exclude_max=b.hi_open and b.hi is not None,
+            allow_nan=False,
+            allow_infinity=False,
+        )
     else:
         raise AssertionError(f"no strategy for {name}: {spec}")
     return st.none() | base if spec.optional else base
@@ -72,8 +81,10 @@ def valid_values(name: str, spec) -> st.SearchStrategy:
 
 def invalid_values(name: str, spec) -> st.SearchStrategy:
     """Values the field refuses: out of range, of another type, non-finite, null where required."""
-    wrong_type = [st.lists(st.integers(), max_size=2), st.dictionaries(st.sampled_from("ab"), st.integers(),
-                                                                       min_size=1)]
+    wrong_type = [
+        st.lists(st.integers(), max_size=2),
+        st.dictionaries(st.sampled_from("ab"), st.integers(), min_size=1),
+    ]
     if not spec.optional:
         wrong_type.append(st.none())
     if spec.base is bool:
@@ -84,10 +95,12 @@ def invalid_values(name: str, spec) -> st.SearchStrategy:
         cases = [st.just("")] if spec.bound.min_len else []
         cases += [st.booleans(), st.floats(allow_nan=False)]
     elif spec.base in (int, float):
-        b, cases = spec.bound, [st.booleans(), st.sampled_from([math.inf, -math.inf, math.nan]),
-                                st.sampled_from(["many", "1,5", "0x10"])]
+        b, cases = (
+            spec.bound,
+            [st.booleans(), st.sampled_from([math.inf, -math.inf, math.nan]), st.sampled_from(["many", "1,5", "0x10"])],
+        )
         if spec.base is int:
-            cases += [st.floats(0.1, 1e6).filter(lambda x: not x.is_integer()), st.integers(min_value=2 ** 63)]
+            cases += [st.floats(0.1, 1e6).filter(lambda x: not x.is_integer()), st.integers(min_value=2**63)]
         if b.lo is not None:
             lo = st.floats(max_value=b.lo, exclude_max=not b.lo_open, allow_nan=False, allow_infinity=False)
             cases.append(lo.map(int).filter(lambda x: not b.ok(x)) if spec.base is int else lo)
@@ -198,21 +211,47 @@ def test_a_saved_config_is_checked_as_strictly(case):
 @st.composite
 def cheap_valid_configs(draw):
     """Valid values for every field, the sizes kept small enough that a step takes a moment."""
-    small = {"epochs": st.integers(1, 3), "batch_size": st.integers(2, 8), "queue_size": st.integers(1, 40),
-             "proj_dim": st.integers(1, 16), "image_size": st.integers(2, 24), "k": st.integers(-1, 3),
-             "dsc_dense_dim": st.integers(1, 16), "dsc_queue_size": st.none() | st.integers(1, 40),
-             "dsc_topk": st.integers(1, 4), "dsc_clusters": st.integers(2, 6), "dsc_kmeans_iters": st.integers(1, 3),
-             "dsc_sinkhorn_iters": st.integers(1, 3), "dsc_pixel_samples": st.integers(1, 64),
-             "dsc_feature_layer": st.none() | st.integers(-5, 5), "key_bn_splits": st.integers(1, 9),
-             "knn_k": st.integers(1, 50), "lr": st.floats(1e-4, 1.0), "temperature": st.floats(0.05, 5.0),
-             "dsc_sinkhorn_eps": st.floats(0.01, 1.0), "warmup_epochs": st.floats(0, 2),
-             "eval_resize": st.none() | st.integers(24, 40)}
-    fixed = {"method": st.sampled_from(["moco", "supcon", "supervised", "dsc"]), "model": st.just("test_resnet"),
-             "max_steps": st.just(1), "num_workers": st.just(0), "decode": st.just("cpu"), "resume": st.none(),
-             "neighbors": st.none(), "appearance_model": st.none(), "init_from": st.none(), "data": st.none(),
-             "data_cache": st.none(), "output_dir": st.none(), "deterministic": st.just(False),
-             "stop_after_steps": st.none(), "save_every_steps": st.none(),
-             "time_limit": st.none()}  # a limit already spent would stop the run before its step, by design
+    small = {
+        "epochs": st.integers(1, 3),
+        "batch_size": st.integers(2, 8),
+        "queue_size": st.integers(1, 40),
+        "proj_dim": st.integers(1, 16),
+        "image_size": st.integers(2, 24),
+        "k": st.integers(-1, 3),
+        "dsc_dense_dim": st.integers(1, 16),
+        "dsc_queue_size": st.none() | st.integers(1, 40),
+        "dsc_topk": st.integers(1, 4),
+        "dsc_clusters": st.integers(2, 6),
+        "dsc_kmeans_iters": st.integers(1, 3),
+        "dsc_sinkhorn_iters": st.integers(1, 3),
+        "dsc_pixel_samples": st.integers(1, 64),
+        "dsc_feature_layer": st.none() | st.integers(-5, 5),
+        "key_bn_splits": st.integers(1, 9),
+        "knn_k": st.integers(1, 50),
+        "lr": st.floats(1e-4, 1.0),
+        "temperature": st.floats(0.05, 5.0),
+        "dsc_sinkhorn_eps": st.floats(0.01, 1.0),
+        "warmup_epochs": st.floats(0, 2),
+        "eval_resize": st.none() | st.integers(24, 40),
+    }
+    fixed = {
+        "method": st.sampled_from(["moco", "supcon", "supervised", "dsc"]),
+        "model": st.just("test_resnet"),
+        "max_steps": st.just(1),
+        "num_workers": st.just(0),
+        "decode": st.just("cpu"),
+        "resume": st.none(),
+        "neighbors": st.none(),
+        "appearance_model": st.none(),
+        "init_from": st.none(),
+        "data": st.none(),
+        "data_cache": st.none(),
+        "output_dir": st.none(),
+        "deterministic": st.just(False),
+        "stop_after_steps": st.none(),
+        "save_every_steps": st.none(),
+        "time_limit": st.none(),
+    }  # a limit already spent would stop the run before its step, by design
     values = {}
     for name, spec in SPECS.items():
         strategy = fixed[name] if name in fixed else small[name] if name in small else valid_values(name, spec)
@@ -220,8 +259,13 @@ def cheap_valid_configs(draw):
     return {k: v for k, v in values.items() if v is not None or SPECS[k].optional}
 
 
-@settings(max_examples=3, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=3,
+    deadline=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(cheap_valid_configs())
 def test_valid_configs_start_training_or_refuse_in_one_line(tiny_data_once, case):
     """The other half: a valid config takes its first step (or meets a check that needs the data, as a
@@ -247,8 +291,16 @@ def tiny_data_once(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------- the values found to slip through
-FOUND_CLI = [["--jitter-hue", "0.9"], ["--crop-scale-min", "2"], ["--sgd-momentum", "-0.5"], ["--weight-decay", "-1"],
-             ["--image-size", "1"], ["--batch-size", "1"], ["--temperature", "inf"], ["--eval-resize", "-5"]]
+FOUND_CLI = [
+    ["--jitter-hue", "0.9"],
+    ["--crop-scale-min", "2"],
+    ["--sgd-momentum", "-0.5"],
+    ["--weight-decay", "-1"],
+    ["--image-size", "1"],
+    ["--batch-size", "1"],
+    ["--temperature", "inf"],
+    ["--eval-resize", "-5"],
+]
 FOUND_YAML = ["model: null\n", "max_steps: .inf\n", "batch_size: 8.9\n"]
 
 
@@ -258,8 +310,17 @@ def _found_case(args, tmp_path):
     if args[0] == "--config":
         (tmp_path / "r.yaml").write_text(args[1])
         args = ["--config", str(tmp_path / "r.yaml")]
-    return ["--method", "moco", "--num-workers", "0", "--data", str(tmp_path / "no-data-needed"),
-            "--output-dir", str(tmp_path / "run"), *args], field
+    return [
+        "--method",
+        "moco",
+        "--num-workers",
+        "0",
+        "--data",
+        str(tmp_path / "no-data-needed"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        *args,
+    ], field
 
 
 def _check_one_line(code, stderr, field, run):
@@ -280,8 +341,9 @@ def test_found_values_are_one_line_and_exit_2_before_any_work(args, tmp_path, ca
     _check_one_line(code, capsys.readouterr().err, field, tmp_path / "run")
 
 
-@pytest.mark.parametrize("args", [["--temperature", "inf"], ["--config", "batch_size: 8.9\n"]],
-                         ids=lambda a: " ".join(a).strip())
+@pytest.mark.parametrize(
+    "args", [["--temperature", "inf"], ["--config", "batch_size: 8.9\n"]], ids=lambda a: " ".join(a).strip()
+)
 def test_found_values_as_a_user_runs_them(args, tmp_path):
     """The same refusal from the real command in its own process (a command line and a YAML case)."""
     argv, field = _found_case(args, tmp_path)
@@ -289,13 +351,35 @@ def test_found_values_as_a_user_runs_them(args, tmp_path):
     _check_one_line(p.returncode, p.stderr, field, tmp_path / "run")
 
 
-@pytest.mark.parametrize("args", [["--eval-resize", "-5"], ["--lr", "inf"], ["--momentum", "-1"],
-                                  ["--batch-size", "8.9"], ["--knn-temperature", "nan"], ["--crop-scale-max", "2"]],
-                         ids=lambda a: " ".join(a))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--eval-resize", "-5"],
+        ["--lr", "inf"],
+        ["--momentum", "-1"],
+        ["--batch-size", "8.9"],
+        ["--knn-temperature", "nan"],
+        ["--crop-scale-max", "2"],
+    ],
+    ids=lambda a: " ".join(a),
+)
 def test_probe_options_are_one_line_and_exit_2(args, tmp_path):
     out = tmp_path / "results.json"
-    p = run_cli([PYTHON, "eval_linear.py", "test_resnet", "--data", str(tmp_path / "absent"), "--out", str(out),
-                 "--cache-dir", str(tmp_path / "cache"), *args], timeout=120)
+    p = run_cli(
+        [
+            PYTHON,
+            "eval_linear.py",
+            "test_resnet",
+            "--data",
+            str(tmp_path / "absent"),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *args,
+        ],
+        timeout=120,
+    )
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1, p.stderr
     assert args[0].lstrip("-").replace("-", "_") in lines[0] and "bad value" in lines[0], lines[0]

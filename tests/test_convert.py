@@ -1,4 +1,5 @@
 """Converters: official MoCo layouts in, detectron2 out, and no code ever unpickled."""
+
 import pickle
 
 import pytest
@@ -42,9 +43,13 @@ def test_moco_v2_checkpoint_converts_and_loads_strictly(tmp_path, r50):
 
 def test_moco_v3_layout(r50):
     sd = {f"module.base_encoder.{k}": v for k, v in r50.items()}
-    sd.update({"module.base_encoder.fc.0.weight": torch.randn(4096, 2048),
-               "module.momentum_encoder.conv1.weight": torch.randn(64, 3, 7, 7),
-               "module.predictor.0.weight": torch.randn(4096, 256)})
+    sd.update(
+        {
+            "module.base_encoder.fc.0.weight": torch.randn(4096, 2048),
+            "module.momentum_encoder.conv1.weight": torch.randn(64, 3, 7, 7),
+            "module.predictor.0.weight": torch.randn(4096, 256),
+        }
+    )
     weights = to_timm(sd, "resnet50")
     assert weights.keys() == r50.keys()
 
@@ -99,8 +104,10 @@ def test_cli_convert_round_trip(tmp_path, r50):
     from scan_zoo.cli import main
 
     torch.save(official_moco_v2(r50), tmp_path / "ck.pth.tar")
-    assert main(["convert", "timm", str(tmp_path / "ck.pth.tar"), "--arch", "resnet50", "--out",
-                 str(tmp_path / "r50")]) == 0
+    assert (
+        main(["convert", "timm", str(tmp_path / "ck.pth.tar"), "--arch", "resnet50", "--out", str(tmp_path / "r50")])
+        == 0
+    )
     weights = load_file(str(tmp_path / "r50" / "model.safetensors"))
     assert all(torch.equal(weights[k], r50[k]) for k in r50)
     assert main(["convert", "detectron2", str(tmp_path / "r50"), "--out", str(tmp_path / "r50.pkl")]) == 0

@@ -5,6 +5,7 @@ weights; damaged or half-written checkpoints are never picked; a non-finite loss
 The kills are real: train.py runs as a subprocess on a tiny ImageFolder and gets SIGKILL at a moment
 chosen through a training callback (tests/pause_train.py: the run stops at a named event and waits).
 """
+
 import json
 import os
 import shutil
@@ -26,10 +27,36 @@ from scan_zoo.train.config import build_config
 from scan_zoo.train.trainer import NonFiniteLoss
 
 # 48 images, 8 a step: 6 steps an epoch, 18 in all; checkpoints at steps 4, 6, 8, 12, 16 and 18, two kept
-ARGS = ["--method", "moco", "--model", "test_resnet", "--image-size", "16", "--eval-resize", "16",
-        "--num-workers", "0", "--batch-size", "8", "--queue-size", "16", "--epochs", "3", "--lr", "0.05",
-        "--seed", "1", "--save-every-steps", "4", "--keep-checkpoints", "2", "--log-every-steps", "1",
-        "--deterministic", "true"]
+ARGS = [
+    "--method",
+    "moco",
+    "--model",
+    "test_resnet",
+    "--image-size",
+    "16",
+    "--eval-resize",
+    "16",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "8",
+    "--queue-size",
+    "16",
+    "--epochs",
+    "3",
+    "--lr",
+    "0.05",
+    "--seed",
+    "1",
+    "--save-every-steps",
+    "4",
+    "--keep-checkpoints",
+    "2",
+    "--log-every-steps",
+    "1",
+    "--deterministic",
+    "true",
+]
 ENV = {"OMP_NUM_THREADS": "1"}  # the same thread count in every run: bit-identical arithmetic
 
 
@@ -49,8 +76,14 @@ def kill_when_paused(cmd, run_dir: Path, pause: str) -> str:
     marker = run_dir / f".paused_{pause.replace(':', '_')}.0"
     log = run_dir.parent / f"{run_dir.name}.killed.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(paused(cmd, pause), cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **ENV},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            paused(cmd, pause),
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **ENV},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 240
             while not marker.exists():
@@ -99,13 +132,17 @@ def test_killed_mid_epoch_then_resumed_is_bit_identical(data, reference, tmp_pat
     assert_same_run(run, reference)
 
 
-@pytest.mark.parametrize("point, complete_after_kill", [
-    ("checkpoint_written", ["step_00000004", "step_00000006"]),  # model and optimizer saved, no train_state.json
-    ("checkpoint_complete", ["step_00000004", "step_00000006"]),  # train_state.json written, not renamed yet
-    ("checkpoint_renamed", ["step_00000004", "step_00000006", "step_00000008"]),  # renamed, old ones not pruned
-])
-def test_killed_while_writing_a_checkpoint_then_resumed_is_bit_identical(data, reference, tmp_path, point,
-                                                                         complete_after_kill):
+@pytest.mark.parametrize(
+    "point, complete_after_kill",
+    [
+        ("checkpoint_written", ["step_00000004", "step_00000006"]),  # model and optimizer saved, no train_state.json
+        ("checkpoint_complete", ["step_00000004", "step_00000006"]),  # train_state.json written, not renamed yet
+        ("checkpoint_renamed", ["step_00000004", "step_00000006", "step_00000008"]),  # renamed, old ones not pruned
+    ],
+)
+def test_killed_while_writing_a_checkpoint_then_resumed_is_bit_identical(
+    data, reference, tmp_path, point, complete_after_kill
+):
     run = tmp_path / "run"
     kill_when_paused(train_cmd(data, run), run, f"{point}:8")
     assert steps_of(run) == complete_after_kill  # the half-written one is never listed
@@ -176,8 +213,21 @@ def test_resumed_from_an_earlier_checkpoint_every_step_and_skipped_image_is_logg
 
 # ---------------------------------------------------------------------------------- non-finite loss
 def cfg_for(data, out, **kw):
-    base = dict(method="moco", model="test_resnet", data=str(data), output_dir=str(out), epochs=2, batch_size=8,
-                queue_size=16, image_size=16, eval_resize=16, num_workers=0, log_every_steps=1, lr=0.05, seed=1)
+    base = dict(
+        method="moco",
+        model="test_resnet",
+        data=str(data),
+        output_dir=str(out),
+        epochs=2,
+        batch_size=8,
+        queue_size=16,
+        image_size=16,
+        eval_resize=16,
+        num_workers=0,
+        log_every_steps=1,
+        lr=0.05,
+        seed=1,
+    )
     return build_config({**base, **kw})
 
 
@@ -200,6 +250,7 @@ def nan_at(monkeypatch):
             return out
 
         monkeypatch.setattr(MomentumContrast, "forward", patched)
+
     return install
 
 
@@ -240,8 +291,10 @@ def test_skip_nonfinite_skips_logs_and_leaves_the_method_consistent(tiny_data, t
     q = [k for k in ck[2] if k.startswith("encoder_q.") and "running" not in k and "num_batches" not in k]
     assert q and all(torch.equal(ck[2][k], ck[3][k]) for k in q)
     opt = [torch.load(run / "checkpoints" / f"step_{s:08d}" / "optimizer.bin", weights_only=True) for s in (2, 3)]
-    assert all(torch.equal(a["momentum_buffer"], b["momentum_buffer"])
-               for a, b in zip(opt[0]["state"].values(), opt[1]["state"].values()))
+    assert all(
+        torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+        for a, b in zip(opt[0]["state"].values(), opt[1]["state"].values())
+    )
     # ... while the forward pass's momentum update and enqueued keys are kept, and the counters move on
     assert any(not torch.equal(ck[2][k], ck[3][k]) for k in ck[2] if k.startswith("encoder_k."))
     assert int(ck[3]["queue.ptr"]) == 3 * 8 % 16 and int(ck[3]["steps"]) == 3

@@ -1,4 +1,5 @@
 """Digit scenes, seeded augmentation and the neighbour batch sampler."""
+
 import numpy as np
 import pytest
 import torch
@@ -41,8 +42,8 @@ def test_each_anchor_is_followed_by_its_neighbours_and_shares_their_group():
         for a in range(0, len(b), k + 1):
             anchor, _, group = b[a]
             want = [anchor if j < 0 else j for j in nb[anchor].tolist()]
-            assert [e[0] for e in b[a + 1:a + k + 1]] == want
-            assert {e[2] for e in b[a:a + k + 1]} == {group}
+            assert [e[0] for e in b[a + 1 : a + k + 1]] == want
+            assert {e[2] for e in b[a : a + k + 1]} == {group}
             assert group not in groups_seen
             groups_seen.add(group)
 

@@ -3,6 +3,7 @@
 Each tree is listed safely (each real folder once, regular files only) and every name that reaches a log, list
 or JSON file is written escaped, one line per file. The commands run for real, with a timeout: a hang fails.
 """
+
 import contextlib
 import json
 import logging
@@ -32,6 +33,7 @@ class Hang(Exception):
 @contextlib.contextmanager
 def deadline(seconds: int):
     """Fail (:class:`Hang`) instead of hanging: a FIFO read or a listing that never ends."""
+
     def expire(*_):
         raise Hang(f"still running after {seconds} s")
 
@@ -68,9 +70,11 @@ def hostile(root: Path, split: str = "train") -> dict:
     (c1 / NEWLINE).write_bytes(b"not an image")  # unreadable, under a name holding a newline
     (c1 / "broken\xe9.png").write_bytes(b"not an image either")
     open(os.fsencode(c1) + b"/broken\xfd.png", "wb").write(b"junk")  # unreadable and not UTF-8
-    return {"left_out": {"class_0/x.png", "class_0/gone.png", "class_1/sock.png"},
-            "unfollowed": {"class_0/loop", "class_0/up", "class_0/other_class"},
-            "unreadable": {"class_1/new\\nline.png", "class_1/broken\xe9.png", "class_1/broken\\xfd.png"}}
+    return {
+        "left_out": {"class_0/x.png", "class_0/gone.png", "class_1/sock.png"},
+        "unfollowed": {"class_0/loop", "class_0/up", "class_0/other_class"},
+        "unreadable": {"class_1/new\\nline.png", "class_1/broken\xe9.png", "class_1/broken\\xfd.png"},
+    }
 
 
 def export_random(out: Path) -> Path:
@@ -84,8 +88,12 @@ def export_random(out: Path) -> Path:
     )
 
     torch.manual_seed(0)
-    export_backbone(create_backbone("test_resnet"), out,
-                    data_config_for(16, 16, data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD), {"method": "test"})
+    export_backbone(
+        create_backbone("test_resnet"),
+        out,
+        data_config_for(16, 16, data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD),
+        {"method": "test"},
+    )
     return out
 
 
@@ -184,8 +192,19 @@ def test_training_on_a_hostile_tree_neither_hangs_nor_crashes(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=2, per_class=3, val_per_class=1)
     names = hostile(data)
     run = tmp_path / "run"
-    args = [PYTHON, "train.py", "--method", "supervised", "--data", str(data), "--batch-size", "10",
-            "--epochs", "1", *TINY]
+    args = [
+        PYTHON,
+        "train.py",
+        "--method",
+        "supervised",
+        "--data",
+        str(data),
+        "--batch-size",
+        "10",
+        "--epochs",
+        "1",
+        *TINY,
+    ]
     p = run_cli([*args, "--output-dir", str(run)], timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
@@ -202,8 +221,18 @@ def test_training_on_a_hostile_tree_neither_hangs_nor_crashes(tmp_path):
     from scan_zoo.experiments.pipeline import run_training
     from scan_zoo.train.config import build_config
 
-    cfg = dict(method="supervised", model="test_resnet", data=str(data), output_dir=str(tmp_path / "strict"),
-               epochs=1, batch_size=10, image_size=16, eval_resize=16, num_workers=0, strict_data=True)
+    cfg = dict(
+        method="supervised",
+        model="test_resnet",
+        data=str(data),
+        output_dir=str(tmp_path / "strict"),
+        epochs=1,
+        batch_size=10,
+        image_size=16,
+        eval_resize=16,
+        num_workers=0,
+        strict_data=True,
+    )
     with pytest.raises(UserError, match="--strict-data.*(not a regular file|dangling)"), deadline(60):
         run_training(build_config(cfg))
 
@@ -213,16 +242,49 @@ def test_evaluation_and_retrieval_on_a_hostile_tree(tmp_path):
     hostile(data, "train")
     hostile(data, "val")
     model = export_random(tmp_path / "model")
-    p = run_cli([PYTHON, "eval_linear.py", str(model), "--data", str(data), "--epochs", "1", "--no-progress",
-                 "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "eval.json")],
-                timeout=180)
+    p = run_cli(
+        [
+            PYTHON,
+            "eval_linear.py",
+            str(model),
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--num-workers",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "eval.json"),
+        ],
+        timeout=180,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     assert json.loads((tmp_path / "eval.json").read_text())
 
     out = tmp_path / "grid.png"
-    r = run_cli([str(BIN / "scan-zoo"), "retrieve", "--models", str(model), "--data", str(data), "--queries", "2",
-                 "--k", "10", "--out", str(out), "--num-workers", "0"], timeout=180)
+    r = run_cli(
+        [
+            str(BIN / "scan-zoo"),
+            "retrieve",
+            "--models",
+            str(model),
+            "--data",
+            str(data),
+            "--queries",
+            "2",
+            "--k",
+            "10",
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+        ],
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.with_suffix(".json").read_bytes().decode("utf-8")
     result = json.loads(text)

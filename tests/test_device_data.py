@@ -3,6 +3,7 @@
 --decode device: every batched operation against a per-image torchvision reference, the plan against what the PIL
 pipeline draws, decoding against PIL, a training run that resumes exactly. --decode cpu (benchmarks/data.py): the
 separable blur, the fused ToTensor + Normalize, seeding the CPU generator alone, the decoded-image cache."""
+
 import json
 import logging
 from pathlib import Path
@@ -24,8 +25,14 @@ def scene(h: int, w: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     a, b, c = rng.uniform(0.2, 1.5, 3)
-    img = np.stack([128 + 100 * np.sin(a * xx / 17 + seed), 128 + 100 * np.cos(b * yy / 23),
-                    128 + 90 * np.sin(c * (xx + yy) / 31)], -1)
+    img = np.stack(
+        [
+            128 + 100 * np.sin(a * xx / 17 + seed),
+            128 + 100 * np.cos(b * yy / 23),
+            128 + 90 * np.sin(c * (xx + yy) / 31),
+        ],
+        -1,
+    )
     cy, cx, r = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, min(h, w) / 5
     img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
     return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
@@ -51,12 +58,15 @@ def random_images(n=6, size=24, seed=0):
 
 
 # ------------------------------------------------------------------------- batched ops vs per-image torchvision
-@pytest.mark.parametrize("op,ref,lo,hi", [
-    (DD.adjust_brightness, F.adjust_brightness, 0.6, 1.4),
-    (DD.adjust_contrast, F.adjust_contrast, 0.6, 1.4),
-    (DD.adjust_saturation, F.adjust_saturation, 0.0, 1.6),
-    (DD.adjust_hue, F.adjust_hue, -0.5, 0.5),
-])
+@pytest.mark.parametrize(
+    "op,ref,lo,hi",
+    [
+        (DD.adjust_brightness, F.adjust_brightness, 0.6, 1.4),
+        (DD.adjust_contrast, F.adjust_contrast, 0.6, 1.4),
+        (DD.adjust_saturation, F.adjust_saturation, 0.0, 1.6),
+        (DD.adjust_hue, F.adjust_hue, -0.5, 0.5),
+    ],
+)
 def test_batched_colour_ops_match_torchvision_per_image(op, ref, lo, hi):
     x = random_images()
     x[0] = x[0, :1]  # a grey image: hue undefined, saturation 0
@@ -69,8 +79,12 @@ def test_batched_colour_ops_match_torchvision_per_image(op, ref, lo, hi):
 
 def test_batched_gray_and_blur_match_torchvision_per_image():
     x = random_images(n=5, size=20)
-    torch.testing.assert_close(DD.rgb_to_gray(x).expand(-1, 3, -1, -1),
-                               torch.stack([F.rgb_to_grayscale(img, num_output_channels=3) for img in x]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        DD.rgb_to_gray(x).expand(-1, 3, -1, -1),
+        torch.stack([F.rgb_to_grayscale(img, num_output_channels=3) for img in x]),
+        atol=1e-6,
+        rtol=0,
+    )
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
     got = D.gaussian_blur(x, 7, sigma)
     want = torch.stack([F.gaussian_blur(img, [7, 7], [float(s), float(s)]) for img, s in zip(x, sigma)])
@@ -91,7 +105,9 @@ def test_separable_blur_transform_equals_torchvision_on_pil_images():
         b = np.asarray(ref(img), dtype=int)
         assert a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
     x = torch.rand(3, 20, 30)
-    torch.testing.assert_close(D.gaussian_blur_image(x, 5, 1.3), F1.gaussian_blur(x, [5, 5], [1.3, 1.3]), atol=2e-6, rtol=0)
+    torch.testing.assert_close(
+        D.gaussian_blur_image(x, 5, 1.3), F1.gaussian_blur(x, [5, 5], [1.3, 1.3]), atol=2e-6, rtol=0
+    )
 
 
 def reference_augment(x: torch.Tensor, plan: dict, kernel: int, mean, std) -> torch.Tensor:
@@ -137,8 +153,16 @@ class Recorder:
     def __init__(self, monkeypatch):
         self.events = []
         mod = T.transforms.F  # the functional module the v1 transforms call
-        for name in ("resized_crop", "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue",
-                     "rgb_to_grayscale", "gaussian_blur", "hflip"):
+        for name in (
+            "resized_crop",
+            "adjust_brightness",
+            "adjust_contrast",
+            "adjust_saturation",
+            "adjust_hue",
+            "rgb_to_grayscale",
+            "gaussian_blur",
+            "hflip",
+        ):
             monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))
         monkeypatch.setattr(D, "gaussian_blur_image", self._wrap("gaussian_blur_image", D.gaussian_blur_image))
 
@@ -155,6 +179,7 @@ class Recorder:
             else:
                 self.events.append((name,))
             return fn(img, *args, **kwargs)
+
         return wrapped
 
 
@@ -174,11 +199,17 @@ def plan_events(plan: dict, v: int) -> list:
     return ev
 
 
-@pytest.mark.parametrize("make", [lambda: D.moco_v2_transform(32, blur_prob=0.5),
-                                  lambda: D.moco_v2_transform(32, 0.5, 0.0, False, 0.5, 0.5),  # digits recipe
-                                  lambda: D.supervised_transform(32),
-                                  lambda: T.Compose([T.RandomResizedCrop(32), T.RandomApply([T.GaussianBlur(5)], p=0.7),
-                                                     T.RandomHorizontalFlip(), T.ToTensor()])])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: D.moco_v2_transform(32, blur_prob=0.5),
+        lambda: D.moco_v2_transform(32, 0.5, 0.0, False, 0.5, 0.5),  # digits recipe
+        lambda: D.supervised_transform(32),
+        lambda: T.Compose(
+            [T.RandomResizedCrop(32), T.RandomApply([T.GaussianBlur(5)], p=0.7), T.RandomHorizontalFlip(), T.ToTensor()]
+        ),
+    ],
+)
 def test_plan_is_exactly_what_the_pil_pipeline_applies_under_the_same_seed(monkeypatch, make):
     tf = D.MultiView(make(), 2)
     img = Image.fromarray(scene(45, 70, seed=3))
@@ -204,7 +235,7 @@ def test_crop_geometry_is_exact():
     for v in range(2):
         for b in range(2):
             i, j, bh, bw = boxes[b, v].tolist()
-            assert torch.equal(out[v * 2 + b], img[:, i:i + bh, j:j + bw])
+            assert torch.equal(out[v * 2 + b], img[:, i : i + bh, j : j + bw])
     box = [5, 8, 30, 33]
     got = views.crops([img], torch.tensor([[box]]))[0]
     assert torch.equal(got, F.resized_crop(img, *box, [16, 16], antialias=True))
@@ -218,7 +249,7 @@ def test_seeding_only_the_cpu_generator_gives_the_crops_torch_manual_seed_gave(t
     base = D.image_folder(tiny_data, "train")
     tf = D.MultiView(D.moco_v2_transform(16), 2)
     ds = D.SeededViews(base, tf)
-    for index, seed in ((0, 5), (7, 2 ** 62 + 3), (30, 123456789)):
+    for index, seed in ((0, 5), (7, 2**62 + 3), (30, 123456789)):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             want = tf(base[index][0])
@@ -324,8 +355,21 @@ def test_training_with_decode_device_resumes_exactly(jpegs, tmp_path):
     from scan_zoo.train.config import build_config
 
     def cfg(out, **kw):
-        base = dict(method="moco", model="test_resnet", data=str(jpegs), output_dir=str(out), epochs=2, batch_size=4,
-                    queue_size=8, image_size=32, num_workers=0, log_every_steps=1, lr=0.05, seed=1, decode="device")
+        base = dict(
+            method="moco",
+            model="test_resnet",
+            data=str(jpegs),
+            output_dir=str(out),
+            epochs=2,
+            batch_size=4,
+            queue_size=8,
+            image_size=32,
+            num_workers=0,
+            log_every_steps=1,
+            lr=0.05,
+            seed=1,
+            decode="device",
+        )
         return build_config({**base, **kw})
 
     full = run_training(cfg(tmp_path / "full"))
@@ -366,10 +410,18 @@ def test_moco_v2_views_unchanged_by_the_fast_paths(tiny_data):
     ToTensor + Normalize and GaussianBlur: identical but for the blur's 8-bit rounding."""
     img = D.image_folder(tiny_data, "train")[0][0].resize((40, 40))
     ours = D.moco_v2_transform(24, blur_prob=1.0)
-    ref = T.Compose([T.GaussianBlur(t.transforms[0].kernel_size, t.transforms[0].sigma) if isinstance(t, T.RandomApply)
-                     and isinstance(t.transforms[0], D.GaussianBlur) else t for t in ours.transforms[:-1]])
-    ref = T.Compose([T.RandomApply([r], p=1.0) if isinstance(r, T.GaussianBlur) else r for r in ref.transforms]
-                    + [T.ToTensor(), T.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)])
+    ref = T.Compose(
+        [
+            T.GaussianBlur(t.transforms[0].kernel_size, t.transforms[0].sigma)
+            if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], D.GaussianBlur)
+            else t
+            for t in ours.transforms[:-1]
+        ]
+    )
+    ref = T.Compose(
+        [T.RandomApply([r], p=1.0) if isinstance(r, T.GaussianBlur) else r for r in ref.transforms]
+        + [T.ToTensor(), T.Normalize(D.IMAGENET_MEAN, D.IMAGENET_STD)]
+    )
     for seed in range(10):
         torch.manual_seed(seed)
         a = ours(img)

@@ -1,4 +1,5 @@
 """Two CPU processes (gloo): the collectives, and real 2-process training runs through the launchers."""
+
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 def _worker(rank, world, port, out):
     from scan_zoo.common import distributed as D
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     n = 3 + rank  # unequal sizes: 3 and 4
     x = torch.arange(n, dtype=torch.float32)[:, None] + 100 * rank  # [n, 1]
@@ -19,8 +21,10 @@ def _worker(rank, world, port, out):
     g = torch.Generator().manual_seed(7)
     shuffled, idx_un, sizes2 = D.shuffle_across(x, g)
     back = D.unshuffle_across(shuffled * 2, idx_un, sizes2)  # an elementwise "model"
-    torch.save({"sizes": sizes, "gathered": gathered, "shuffled": shuffled, "back": back, "x": x},
-               os.path.join(out, f"r{rank}.pt"))
+    torch.save(
+        {"sizes": sizes, "gathered": gathered, "shuffled": shuffled, "back": back, "x": x},
+        os.path.join(out, f"r{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
@@ -40,8 +44,23 @@ def test_gather_and_shuffle_bn_round_trip(tmp_path):
 
 
 def test_two_process_moco_then_scan(tiny_data, tmp_path):
-    p = launch(["--method", "moco", "--data", str(tiny_data), "--batch-size", "8", "--queue-size", "40",
-                "--max-steps", "3", "--output-dir", str(tmp_path / "moco"), *COMMON])
+    p = launch(
+        [
+            "--method",
+            "moco",
+            "--data",
+            str(tiny_data),
+            "--batch-size",
+            "8",
+            "--queue-size",
+            "40",
+            "--max-steps",
+            "3",
+            "--output-dir",
+            str(tmp_path / "moco"),
+            *COMMON,
+        ]
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     state = load_file(str(tmp_path / "moco" / "model.safetensors"))
     assert state  # exported backbone
@@ -51,18 +70,56 @@ def test_two_process_moco_then_scan(tiny_data, tmp_path):
     assert (ck["queue.labels"] >= 0).sum() == 40
     assert (ckpts[-1] / "random_states_1.pkl").is_file()  # every process's RNG saved
 
-    p = launch(["--method", "scan", "--data", str(tiny_data), "--batch-size", "9", "--k", "2",
-                "--queue-size", "40", "--max-steps", "3", "--appearance-model", str(tmp_path / "moco"),
-                "--output-dir", str(tmp_path / "scan"), *COMMON])
+    p = launch(
+        [
+            "--method",
+            "scan",
+            "--data",
+            str(tiny_data),
+            "--batch-size",
+            "9",
+            "--k",
+            "2",
+            "--queue-size",
+            "40",
+            "--max-steps",
+            "3",
+            "--appearance-model",
+            str(tmp_path / "moco"),
+            "--output-dir",
+            str(tmp_path / "scan"),
+            *COMMON,
+        ]
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "scan" / "neighbors.safetensors").is_file()
     assert (tmp_path / "scan" / "model.safetensors").is_file()
 
 
 def test_torchrun_works_too(tiny_data, tmp_path):
-    p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "train.py",
-                 "--method", "supcon", "--data", str(tiny_data), "--batch-size", "8", "--queue-size", "40",
-                 "--max-steps", "2", "--output-dir", str(tmp_path / "run"), *COMMON])
+    p = run_cli(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "train.py",
+            "--method",
+            "supcon",
+            "--data",
+            str(tiny_data),
+            "--batch-size",
+            "8",
+            "--queue-size",
+            "40",
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(tmp_path / "run"),
+            *COMMON,
+        ]
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "run" / "model.safetensors").is_file()
 

@@ -1,5 +1,6 @@
 """The newcomer's pages: README.md and docs/*.md link only to files that exist, their generated parts are
 current, and the README stays a short front page."""
+
 import re
 from pathlib import Path
 

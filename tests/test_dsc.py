@@ -1,6 +1,7 @@
 """DSC (Dense Semantic Contrast): each dense function against a naive loop, the keys come from the momentum
 encoder (a test that fails on the DenseCL example whose momentum copy is updated but never used), MoCo as
 the degenerate case, config errors, and real runs: one process, two processes, the acceptance command."""
+
 import copy
 import math
 import os
@@ -60,21 +61,25 @@ def test_correspondence_is_the_most_similar_key_pixel(topk):
 
 def naive_dense_info_nce(q, k, match, queue, t):
     """Per pixel (b, n): positives = its matched key pixels, denominator = those and the queue."""
+
     def anchor(b, n):
         pos = [float(q[b, n] @ k[b, j]) / t for j in match[b, n].tolist()]
         row = pos + [float(q[b, n] @ z) / t for z in queue]
         return row, range(len(pos)), range(len(row))
+
     return naive_info_nce(anchor(b, n) for b in range(q.shape[0]) for n in range(q.shape[1]))
 
 
 @pytest.mark.parametrize("topk", [1, 2])
 def test_dense_info_nce_matches_a_loop(topk):
     q, k, queue = unit(3, 4, 8, seed=1), unit(3, 6, 8, seed=2), unit(10, 8, seed=3)
-    match = torch.stack([torch.randperm(6, generator=torch.Generator().manual_seed(i))[:topk]
-                         for i in range(12)]).reshape(3, 4, topk)
+    match = torch.stack(
+        [torch.randperm(6, generator=torch.Generator().manual_seed(i))[:topk] for i in range(12)]
+    ).reshape(3, 4, topk)
     got = dense_info_nce(q, k, match, queue, 0.2)
-    assert got.item() == pytest.approx(naive_dense_info_nce(q.double(), k.double(), match, queue.double(), 0.2),
-                                       rel=1e-5)
+    assert got.item() == pytest.approx(
+        naive_dense_info_nce(q.double(), k.double(), match, queue.double(), 0.2), rel=1e-5
+    )
 
 
 def test_dense_info_nce_with_one_match_is_densecl_loss():
@@ -90,6 +95,7 @@ def test_dense_info_nce_with_one_match_is_densecl_loss():
 
 def naive_kmeans(points, k, iters, init):
     """Lists and loops: cosine assignment (first best on ties), normalised mean update, empty cluster stays."""
+
     def norm(v):
         s = math.sqrt(sum(a * a for a in v))
         return [a / s for a in v]
@@ -130,8 +136,10 @@ def test_kmeans_pp_init_matches_a_loop():
     rows = [[float(v) for v in r] for r in x.double()]
     chosen = [int(torch.randint(30, (1,), generator=g))]
     for _ in range(5):
-        w = [0.0 if i in chosen else max(0.0, min(2 - 2 * sum(a * b for a, b in zip(rows[i], rows[c])) for c in chosen))
-             for i in range(30)]
+        w = [
+            0.0 if i in chosen else max(0.0, min(2 - 2 * sum(a * b for a, b in zip(rows[i], rows[c])) for c in chosen))
+            for i in range(30)
+        ]
         chosen.append(int(torch.multinomial(torch.tensor(w, dtype=torch.float64), 1, generator=g)))
     assert got.tolist() == chosen and len(set(chosen)) == 6
     same = torch.ones(8, 4) / 2  # every point identical: distinct rows all the same
@@ -140,12 +148,13 @@ def test_kmeans_pp_init_matches_a_loop():
 
 def test_kmeans_finds_separated_groups_and_is_fixed_by_its_generator():
     centres = unit(3, 16, seed=8) * 10
-    x = torch.cat([centres[i] + 0.1 * torch.randn(20, 16, generator=torch.Generator().manual_seed(i))
-                   for i in range(3)])
+    x = torch.cat(
+        [centres[i] + 0.1 * torch.randn(20, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    )
     a1, _ = spherical_kmeans(x, 3, 10, torch.Generator().manual_seed(0))
     a2, _ = spherical_kmeans(x, 3, 10, torch.Generator().manual_seed(0))
     assert torch.equal(a1, a2)
-    groups = [set(a1[i * 20:(i + 1) * 20].tolist()) for i in range(3)]
+    groups = [set(a1[i * 20 : (i + 1) * 20].tolist()) for i in range(3)]
     assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3
     with pytest.raises(ValueError):
         spherical_kmeans(x, 61, 1, torch.Generator())
@@ -168,8 +177,9 @@ def naive_sinkhorn(scores, eps, iters):
 def test_sinkhorn_matches_a_loop_and_balances():
     scores = unit(30, 8, seed=9) @ unit(4, 8, seed=10).T  # [30, 4]
     got = sinkhorn(scores, 0.05, 3)
-    torch.testing.assert_close(got, torch.tensor(naive_sinkhorn(scores.double().tolist(), 0.05, 3),
-                                                 dtype=torch.float32), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        got, torch.tensor(naive_sinkhorn(scores.double().tolist(), 0.05, 3), dtype=torch.float32), rtol=1e-4, atol=1e-6
+    )
     torch.testing.assert_close(got.sum(1), torch.ones(30))
     many = sinkhorn(scores, 0.05, 200)
     torch.testing.assert_close(many.sum(0), torch.full((4,), 30 / 4), rtol=1e-3, atol=1e-3)  # equipartition
@@ -177,9 +187,14 @@ def test_sinkhorn_matches_a_loop_and_balances():
 
 def naive_supcon(a, k, ya, yk, t):
     """Per anchor: positives = keys of its class, denominator = every key; anchors without one skipped."""
+
     def anchor(i):
-        return [float(a[i] @ k[j]) / t for j in range(len(k))], [j for j in range(len(k)) if ya[i] == yk[j]], \
-            range(len(k))
+        return (
+            [float(a[i] @ k[j]) / t for j in range(len(k))],
+            [j for j in range(len(k)) if ya[i] == yk[j]],
+            range(len(k)),
+        )
+
     return naive_info_nce(anchor(i) for i in range(len(a)))
 
 
@@ -193,15 +208,26 @@ def test_pixel_supcon_matches_a_loop(s, t, k, seed):
     a, keys = unit(s, 5, seed=seed), unit(t, 5, seed=seed + 1)
     ya, yk = torch.randint(0, k, (s,), generator=g), torch.randint(0, k, (t,), generator=g)
     got = pixel_supcon(a, keys, ya, yk, 0.1)
-    want = naive_supcon(a.double(), keys.double(), ya.tolist(), yk.tolist(), 0.1) \
-        if any(y in yk.tolist() for y in ya.tolist()) else 0.0
+    want = (
+        naive_supcon(a.double(), keys.double(), ya.tolist(), yk.tolist(), 0.1)
+        if any(y in yk.tolist() for y in ya.tolist())
+        else 0.0
+    )
     assert torch.isfinite(got) and got.item() == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
 def test_swapped_prediction_matches_a_loop():
     logits, codes = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
-    want = -sum(sum(codes[i, j].item() * (logits[i, j].item() - math.log(sum(math.exp(v) for v in logits[i].tolist())))
-                    for j in range(3)) for i in range(4)) / 4
+    want = (
+        -sum(
+            sum(
+                codes[i, j].item() * (logits[i, j].item() - math.log(sum(math.exp(v) for v in logits[i].tolist())))
+                for j in range(3)
+            )
+            for i in range(4)
+        )
+        / 4
+    )
     assert swapped_prediction(logits, codes).item() == pytest.approx(want, rel=1e-5)
 
 
@@ -213,13 +239,27 @@ def backbone(seed=0):
 
 def batch(B=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"views": [torch.randn(B, 3, 32, 32, generator=g), torch.randn(B, 3, 32, 32, generator=g)],
-            "index": torch.arange(B) * 3 + 1, "label": torch.arange(B) % 3, "group": torch.arange(B)}
+    return {
+        "views": [torch.randn(B, 3, 32, 32, generator=g), torch.randn(B, 3, 32, 32, generator=g)],
+        "index": torch.arange(B) * 3 + 1,
+        "label": torch.arange(B) % 3,
+        "group": torch.arange(B),
+    }
 
 
 def make(assign="kmeans", weights=(1.0, 1.0, 1.0), **kw):
-    args = dict(proj_dim=16, dense_dim=16, queue_size=20, temperature=0.2, key_momentum=0.9, shuffle_bn=False,
-                clusters=4, pixel_samples=40, assign=assign, weights=weights)
+    args = dict(
+        proj_dim=16,
+        dense_dim=16,
+        queue_size=20,
+        temperature=0.2,
+        key_momentum=0.9,
+        shuffle_bn=False,
+        clusters=4,
+        pixel_samples=40,
+        assign=assign,
+        weights=weights,
+    )
     args.update(kw)
     return DSC(backbone(), feature_layer=2, **args)
 
@@ -276,8 +316,13 @@ def test_gradients_reach_every_query_parameter_and_never_the_key_encoder(assign)
     missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing  # DDP without find_unused_parameters needs every trained parameter used
     # (timm zero-initialises each block's last BN scale, so a block's first conv gets no gradient at step 0)
-    for name in ("dense_head.conv1.weight", "head.fc1.weight", "backbone.conv1.0.weight",
-                 "backbone.layer2.0.bn2.weight", "backbone.layer4.0.bn2.weight"):
+    for name in (
+        "dense_head.conv1.weight",
+        "head.fc1.weight",
+        "backbone.conv1.0.weight",
+        "backbone.layer2.0.bn2.weight",
+        "backbone.layer4.0.bn2.weight",
+    ):
         assert m.encoder_q.get_parameter(name).grad.abs().sum() > 0, name
     if assign == "prototypes":
         assert m.prototypes.grad.abs().sum() > 0
@@ -307,8 +352,12 @@ def key_side(model, b, monkeypatch):
     out = model(b)
     B = len(b["index"])
     cluster_input = seen["spherical_kmeans"][0] if "spherical_kmeans" in seen else seen["sinkhorn"][0]
-    return {"queue": model.queue.keys[:B].clone(), "dense_queue": model.dense_queue.keys[:B].clone(),
-            "clustered": cluster_input, "correspondence_keys": seen["dense_correspondence"][1]}, out["loss"]
+    return {
+        "queue": model.queue.keys[:B].clone(),
+        "dense_queue": model.dense_queue.keys[:B].clone(),
+        "clustered": cluster_input,
+        "correspondence_keys": seen["dense_correspondence"][1],
+    }, out["loss"]
 
 
 def key_sources(model, monkeypatch):
@@ -351,8 +400,16 @@ class DenseCLExampleBug(DSC):
 
 
 def test_the_key_source_test_catches_the_densecl_example_bug(monkeypatch):
-    m = DenseCLExampleBug(backbone(), feature_layer=2, proj_dim=16, dense_dim=16, queue_size=20, shuffle_bn=False,
-                          clusters=4, pixel_samples=40)
+    m = DenseCLExampleBug(
+        backbone(),
+        feature_layer=2,
+        proj_dim=16,
+        dense_dim=16,
+        queue_size=20,
+        shuffle_bn=False,
+        clusters=4,
+        pixel_samples=40,
+    )
     changed_by_q, changed_by_k = key_sources(m, monkeypatch)
     assert all(changed_by_q.values()) and not any(changed_by_k.values())  # what the test above rejects
 
@@ -402,10 +459,15 @@ def test_losses_are_float32_and_finite_under_bf16_autocast():
 def test_config_fields_and_errors():
     cfg = build_config({"method": "dsc"})
     assert num_views("dsc") == 2 and cfg.group_size == 1 and cfg.dsc_assign == "kmeans"
-    for bad, needle in (({"dsc_assign": "spectral"}, "dsc_assign"), ({"dsc_clusters": 1}, "dsc_clusters"),
-                        ({"dsc_weight_pixel": -1}, "loss weights"), ({"dsc_pixel_samples": 0}, "dsc_pixel_samples"),
-                        ({"dsc_weight_instance": 0, "dsc_weight_pixel": 0, "dsc_weight_category": 0}, "not all 0"),
-                        ({"dsc_sinkhorn_eps": 0}, "dsc_sinkhorn_eps"), ({"dsc_topk": 0}, "dsc_topk")):
+    for bad, needle in (
+        ({"dsc_assign": "spectral"}, "dsc_assign"),
+        ({"dsc_clusters": 1}, "dsc_clusters"),
+        ({"dsc_weight_pixel": -1}, "loss weights"),
+        ({"dsc_pixel_samples": 0}, "dsc_pixel_samples"),
+        ({"dsc_weight_instance": 0, "dsc_weight_pixel": 0, "dsc_weight_category": 0}, "not all 0"),
+        ({"dsc_sinkhorn_eps": 0}, "dsc_sinkhorn_eps"),
+        ({"dsc_topk": 0}, "dsc_topk"),
+    ):
         with pytest.raises(UserError, match=needle):
             build_config({"method": "dsc", **bad})
 
@@ -440,8 +502,18 @@ def test_train_resume_exact_and_export_loads_strictly(tiny_data, tmp_path):
 def test_prototype_run_with_topk(tiny_data, tmp_path):
     from scan_zoo.experiments.pipeline import run_training
 
-    r = run_training(cfg_for(tiny_data, tmp_path / "pm", method="dsc", max_steps=2, dsc_assign="prototypes",
-                             dsc_topk=2, dsc_clusters=4, dsc_queue_size=12))
+    r = run_training(
+        cfg_for(
+            tiny_data,
+            tmp_path / "pm",
+            method="dsc",
+            max_steps=2,
+            dsc_assign="prototypes",
+            dsc_topk=2,
+            dsc_clusters=4,
+            dsc_queue_size=12,
+        )
+    )
     assert r["finished"]
     assert model_state(tmp_path / "pm")["prototypes"].shape == (4, 128)
 
@@ -462,11 +534,15 @@ def _worker(rank, world, port, out):
     m = make(shuffle_bn=True)
     m.eval()
     b = batch(B=8)
-    half = {k: ([t[rank * 4:(rank + 1) * 4] for t in v] if k == "views" else v[rank * 4:(rank + 1) * 4])
-            for k, v in b.items()}
+    half = {
+        k: ([t[rank * 4 : (rank + 1) * 4] for t in v] if k == "views" else v[rank * 4 : (rank + 1) * 4])
+        for k, v in b.items()
+    }
     o = m(half)
-    torch.save({"x": seen["x"], "assign": seen["assign"], "inst": o["loss_instance"], "pix": o["loss_pixel"]},
-               os.path.join(out, f"r{rank}.pt"))
+    torch.save(
+        {"x": seen["x"], "assign": seen["assign"], "inst": o["loss_instance"], "pix": o["loss_pixel"]},
+        os.path.join(out, f"r{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
@@ -487,9 +563,27 @@ def test_two_processes_cluster_the_global_batch_alike(tmp_path, monkeypatch):
 
 
 def test_two_process_dsc_run(tiny_data, tmp_path):
-    p = launch(["--method", "dsc", "--data", str(tiny_data), "--batch-size", "8", "--queue-size", "40",
-                "--dsc-clusters", "4", "--dsc-pixel-samples", "32", "--max-steps", "3",
-                "--output-dir", str(tmp_path / "dsc"), *COMMON])
+    p = launch(
+        [
+            "--method",
+            "dsc",
+            "--data",
+            str(tiny_data),
+            "--batch-size",
+            "8",
+            "--queue-size",
+            "40",
+            "--dsc-clusters",
+            "4",
+            "--dsc-pixel-samples",
+            "32",
+            "--max-steps",
+            "3",
+            "--output-dir",
+            str(tmp_path / "dsc"),
+            *COMMON,
+        ]
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     ckpts = sorted((tmp_path / "dsc" / "checkpoints").glob("step_*"))
     ck = load_file(str(ckpts[-1] / "model.safetensors"))
@@ -501,9 +595,26 @@ def test_two_process_dsc_run(tiny_data, tmp_path):
 def test_accelerate_launch_dsc_on_the_digits_default(digits_root, tmp_path):
     """The acceptance command: `accelerate launch train.py --method dsc --max-steps 5` (digits, every default)."""
     env = {"SCAN_ZOO_CACHE": str(Path(digits_root).parent)}
-    p = run_cli([str(BIN / "accelerate"), "launch", "--num_processes", "1", "--mixed_precision", "no",
-                 "--dynamo_backend", "no", "train.py", "--method", "dsc", "--max-steps", "5",
-                 "--output-dir", str(tmp_path / "run")], env=env)
+    p = run_cli(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--num_processes",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "train.py",
+            "--method",
+            "dsc",
+            "--max-steps",
+            "5",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "exported backbone" in p.stdout
     weights = load_file(str(tmp_path / "run" / "model.safetensors"))

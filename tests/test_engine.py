@@ -1,4 +1,5 @@
 """Training runs end to end on a tiny ImageFolder: exact resume, checkpoint contents, export, no collectives."""
+
 import json
 import math
 
@@ -17,8 +18,9 @@ def test_stopped_after_first_epoch_and_resumed_equals_uninterrupted(tiny_data, t
     full = run_training(cfg_for(tiny_data, tmp_path / "full", method=method))
     assert full["finished"]
     steps_per_epoch = 48 // 8
-    part = run_training(cfg_for(tiny_data, tmp_path / "part", method=method, stop_after_steps=steps_per_epoch,
-                                num_workers=2))  # workers must not matter: augmentation is seeded per sample
+    part = run_training(
+        cfg_for(tiny_data, tmp_path / "part", method=method, stop_after_steps=steps_per_epoch, num_workers=2)
+    )  # workers must not matter: augmentation is seeded per sample
     assert not part["finished"] and part["steps"] == steps_per_epoch
     state = json.loads((list_checkpoints(tmp_path / "part")[-1] / "train_state.json").read_text())
     assert (state["epoch"], state["step"], state["step_in_epoch"]) == (1, steps_per_epoch, 0)
@@ -102,8 +104,17 @@ def test_single_process_calls_no_collective(tiny_data, tmp_path, monkeypatch):
 
 def test_scan_run_mines_neighbours_and_starts_from_the_label_free_model(tiny_data, tmp_path):
     moco = run_training(cfg_for(tiny_data, tmp_path / "moco", epochs=1))
-    cfg = cfg_for(tiny_data, tmp_path / "scan", method="scan", k=2, batch_size=9, epochs=1, stop_after_steps=1,
-                  appearance_model=moco["run_dir"], seed=2)  # another seed than MoCo's: another random init
+    cfg = cfg_for(
+        tiny_data,
+        tmp_path / "scan",
+        method="scan",
+        k=2,
+        batch_size=9,
+        epochs=1,
+        stop_after_steps=1,
+        appearance_model=moco["run_dir"],
+        seed=2,
+    )  # another seed than MoCo's: another random init
     r = run_training(cfg)
     assert (tmp_path / "scan" / "neighbors.safetensors").is_file()
     # one step from the MoCo weights: the key encoder is still within (1 - m) of them

@@ -1,5 +1,6 @@
 """Linear probing: the backbone stays bit-identical, the feature cache is reused and invalidated, both
 protocols learn a separable problem, the last epoch is what is reported, and bad input gives one line."""
+
 import dataclasses
 import hashlib
 import importlib.util
@@ -33,8 +34,16 @@ def model_dir(tmp_path_factory) -> Path:
 
 def quick(protocol: str, tmp_path: Path, **kw) -> probe.ProbeConfig:
     """A resolved config: few epochs, small batches, no workers, a private cache."""
-    cfg = probe.ProbeConfig(protocol=protocol, epochs=kw.pop("epochs", 10), batch_size=16, milestones=(6, 8),
-                            num_workers=0, progress=False, cache_dir=str(tmp_path / "cache"), **kw)
+    cfg = probe.ProbeConfig(
+        protocol=protocol,
+        epochs=kw.pop("epochs", 10),
+        batch_size=16,
+        milestones=(6, 8),
+        num_workers=0,
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+        **kw,
+    )
     pre = {"image_size": SIZE, "mean": data_lib.IMAGENET_MEAN, "std": data_lib.IMAGENET_STD}
     return probe.resolve_config(cfg, pre, "tiny")
 
@@ -141,8 +150,9 @@ def test_cached_protocol_reuses_its_cache_and_invalidates_it(model_dir, tiny_dat
     second = probe.linear_probe(backbone, train, val, cfg)
     assert len(calls) == 2 and second["feature_cache"]["hit"]  # nothing extracted again
     assert second["history"] == first["history"]
-    other_size = probe.linear_probe(backbone, train, val, probe.resolve_config(
-        dataclasses.replace(cfg, eval_resize=SIZE), {}, "tiny"))
+    other_size = probe.linear_probe(
+        backbone, train, val, probe.resolve_config(dataclasses.replace(cfg, eval_resize=SIZE), {}, "tiny")
+    )
     assert len(calls) == 4 and not other_size["feature_cache"]["hit"]  # transform settings are in the key
     with torch.no_grad():
         backbone.state_dict()["conv1.0.weight"].view(-1)[0] += 1e-3
@@ -168,10 +178,35 @@ def test_json_reports_the_last_epoch_and_keeps_both_protocols(model_dir, tiny_da
         return loss
 
     monkeypatch.setattr(linear, "train_epoch", sabotaged_last_epoch)
-    common = ["--data", str(tiny_data), "--num-workers", "0", "--no-progress", "--cache-dir", str(tmp_path / "c"),
-              "--batch-size", "16"]
-    assert script.main([str(model_dir), "--protocol", "moco", "--epochs", str(epochs), "--lr", "5",
-                        "--milestones", "2", "4", *common]) == 0
+    common = [
+        "--data",
+        str(tiny_data),
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--batch-size",
+        "16",
+    ]
+    assert (
+        script.main(
+            [
+                str(model_dir),
+                "--protocol",
+                "moco",
+                "--epochs",
+                str(epochs),
+                "--lr",
+                "5",
+                "--milestones",
+                "2",
+                "4",
+                *common,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-3].split()[:3] == ["protocol", "data", "top-1"] and out[-1].startswith("moco")
     results = json.loads((model_dir / "eval_results.json").read_text())
@@ -244,13 +279,46 @@ def free_port():
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", probe.PROTOCOLS)
 def test_two_processes_give_the_one_process_result(protocol, model_dir, tiny_data, tmp_path):
-    args = ["eval_linear.py", str(model_dir), "--data", str(tiny_data), "--protocol", protocol, "--epochs", "4",
-            "--batch-size", "16", "--num-workers", "0", "--no-progress"]
+    args = [
+        "eval_linear.py",
+        str(model_dir),
+        "--data",
+        str(tiny_data),
+        "--protocol",
+        protocol,
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]
     one = run_cli([PYTHON, *args, "--cache-dir", str(tmp_path / "c1"), "--out", str(tmp_path / "one.json")])
     assert one.returncode == 0, one.stderr
-    two = run_cli([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                   *args, "--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "two.json")], timeout=300)
+    two = run_cli(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            *args,
+            "--cache-dir",
+            str(tmp_path / "c2"),
+            "--out",
+            str(tmp_path / "two.json"),
+        ],
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr
     r1 = json.loads((tmp_path / "one.json").read_text())[protocol]
     r2 = json.loads((tmp_path / "two.json").read_text())[protocol]

@@ -1,4 +1,5 @@
 """kNN classification against a naive loop."""
+
 import math
 
 import pytest

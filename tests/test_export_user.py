@@ -4,6 +4,7 @@ Every claim of the card is checked against the run's own files (config.yaml, the
 train_state.json, eval_results.json), the exported weights load strictly into plain timm, and timm's
 transform from config.json is the transform the card's numbers were measured with.
 """
+
 import json
 import re
 import shlex
@@ -30,16 +31,51 @@ def digits_run(tmp_path_factory):
     """A 3-step MoCo run on the digit scenes, evaluated once by eval_linear.py (2 epochs)."""
     tmp = tmp_path_factory.mktemp("user_run")
     cache, run = tmp / "digits", tmp / "run"
-    p = run_cli([PYTHON, "train.py", "--method", "moco", "--config", "digits_moco", "--data", "digits",
-                 "--data-cache", str(cache), *COMMON, "--max-steps", str(STEPS), "--batch-size", "8",
-                 "--queue-size", "16", "--output-dir", str(run)])
+    p = run_cli(
+        [
+            PYTHON,
+            "train.py",
+            "--method",
+            "moco",
+            "--config",
+            "digits_moco",
+            "--data",
+            "digits",
+            "--data-cache",
+            str(cache),
+            *COMMON,
+            "--max-steps",
+            str(STEPS),
+            "--batch-size",
+            "8",
+            "--queue-size",
+            "16",
+            "--output-dir",
+            str(run),
+        ]
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     return {"run": run, "cache": cache, "features": tmp / "features"}
 
 
 def _eval(model: str, run: dict, *extra: str):
-    return run_cli([PYTHON, "eval_linear.py", model, "--data", "digits", "--data-cache", str(run["cache"]),
-                    "--num-workers", "0", "--no-progress", "--cache-dir", str(run["features"]), *extra])
+    return run_cli(
+        [
+            PYTHON,
+            "eval_linear.py",
+            model,
+            "--data",
+            "digits",
+            "--data-cache",
+            str(run["cache"]),
+            "--num-workers",
+            "0",
+            "--no-progress",
+            "--cache-dir",
+            str(run["features"]),
+            *extra,
+        ]
+    )
 
 
 def _identity(cfg: dict) -> dict:
@@ -74,8 +110,24 @@ def _check_card_against_run(card: str, run_dir: Path) -> None:
 
 
 def test_hostile_names_are_one_line_and_exit_2(tmp_path, capsys):
-    for name in ("../evil", "org/..", "a/b/c", "org/", "/org", "org//x", "", "org/na me", "org/na\u00efve",
-                 "a--b/c", "org/-x", "org/x\n", "org/x\\y", "hf://org/x", "test_resnet.nothing", "org/" + "x" * 97):
+    for name in (
+        "../evil",
+        "org/..",
+        "a/b/c",
+        "org/",
+        "/org",
+        "org//x",
+        "",
+        "org/na me",
+        "org/na\u00efve",
+        "a--b/c",
+        "org/-x",
+        "org/x\n",
+        "org/x\\y",
+        "hf://org/x",
+        "test_resnet.nothing",
+        "org/" + "x" * 97,
+    ):
         assert scan_zoo_main(["export", str(tmp_path), "--name", name, "--out", str(tmp_path / "o")]) == 2, name
         err = capsys.readouterr().err
         assert err.startswith("scan-zoo: error: --name") and err.count("\n") == 1, (name, err)
@@ -129,8 +181,9 @@ def test_export_of_an_evaluated_run(digits_run, tmp_path, capsys):
     assert (protocol["image_size"], protocol["eval_resize"]) == (32, 37)
 
     # plain timm: strict load of the exported weights, and its transform equals the protocol's
-    model = timm.create_model("test_resnet", pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    model = timm.create_model(
+        "test_resnet", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))
+    )
     exported = load_file(str(out / "model.safetensors"))
     assert set(model.state_dict()) == set(exported)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in exported.items())
@@ -158,7 +211,9 @@ def test_output_folder_checks(digits_run, tmp_path, capsys, monkeypatch):
     run = digits_run["run"]
     monkeypatch.chdir(tmp_path)
     assert scan_zoo_main(["export", str(run), "--name", NAME]) == 0  # default: under runs/, never the cwd itself
-    assert {"README.md", "config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "runs" / "export" / NAME).iterdir()}
+    assert {"README.md", "config.json", "model.safetensors"} <= {
+        p.name for p in (tmp_path / "runs" / "export" / NAME).iterdir()
+    }
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
@@ -203,12 +258,20 @@ def test_a_folder_that_is_not_a_train_py_run_is_one_line(tmp_path, capsys):
     from scan_zoo.models.backbones import data_config_for, export_backbone
 
     bare = tmp_path / "bare"  # weights and config.json, but no training config: a converted or foreign model
-    export_backbone(timm.create_model("test_resnet", num_classes=0), bare,
-                    data_config_for(16, 16, IMAGENET_MEAN, IMAGENET_STD), {"converted_from": "x"})
+    export_backbone(
+        timm.create_model("test_resnet", num_classes=0),
+        bare,
+        data_config_for(16, 16, IMAGENET_MEAN, IMAGENET_STD),
+        {"converted_from": "x"},
+    )
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("[1, 2]")
-    for run, words in ((bare, "records no training config"), (broken, "config.json"), (tmp_path / "none", "no config.json")):
+    for run, words in (
+        (bare, "records no training config"),
+        (broken, "config.json"),
+        (tmp_path / "none", "no config.json"),
+    ):
         assert scan_zoo_main(["export", str(run), "--name", NAME, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("scan-zoo: error:") and err.count("\n") == 1 and words in err, err

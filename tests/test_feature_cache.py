@@ -1,5 +1,6 @@
 """The feature cache is verified: a cache file whose bytes changed after it was written, or that records other
 inputs than its name claims, is recomputed with one warning line, never used as a hit."""
+
 import json
 import struct
 from pathlib import Path
@@ -18,25 +19,51 @@ SIZE = 16
 def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("model")
-    export_backbone(create_backbone("test_resnet"), out,
-                    data_config_for(SIZE, None, data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD), {"method": "test"})
+    export_backbone(
+        create_backbone("test_resnet"),
+        out,
+        data_config_for(SIZE, None, data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD),
+        {"method": "test"},
+    )
     return out
 
 
 def probe_run(model_dir: Path, data: Path, cache: Path, out: Path):
-    return run_cli([PYTHON, "eval_linear.py", str(model_dir), "--data", str(data), "--protocol", "cached",
-                    "--epochs", "3", "--batch-size", "16", "--milestones", "2", "--num-workers", "0", "--no-progress",
-                    "--cache-dir", str(cache), "--out", str(out)], timeout=300)
+    return run_cli(
+        [
+            PYTHON,
+            "eval_linear.py",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--protocol",
+            "cached",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "16",
+            "--milestones",
+            "2",
+            "--num-workers",
+            "0",
+            "--no-progress",
+            "--cache-dir",
+            str(cache),
+            "--out",
+            str(out),
+        ],
+        timeout=300,
+    )
 
 
 def overwrite_tensor(path: Path, name: str, values: torch.Tensor) -> None:
     """Write ``values`` over tensor ``name``'s bytes inside a safetensors file, leaving header and size as they are."""
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    begin, end = json.loads(raw[8:8 + n])[name]["data_offsets"]
+    begin, end = json.loads(raw[8 : 8 + n])[name]["data_offsets"]
     data = values.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
     assert len(data) == end - begin
-    path.write_bytes(raw[:8 + n + begin] + data + raw[8 + n + end:])
+    path.write_bytes(raw[: 8 + n + begin] + data + raw[8 + n + end :])
 
 
 def test_changed_cache_bytes_are_recomputed_not_used(model_dir, tiny_data, tmp_path):
@@ -72,9 +99,11 @@ def test_a_cache_file_recording_other_inputs_is_not_a_hit(model_dir, tiny_data, 
 
     backbone, _ = load_backbone(str(model_dir))
     train, val = probe.load_splits(tiny_data)
-    cfg = probe.resolve_config(probe.ProbeConfig(num_workers=0, progress=False, cache_dir=str(tmp_path / "c")),
-                               {"image_size": SIZE, "mean": data_lib.IMAGENET_MEAN, "std": data_lib.IMAGENET_STD},
-                               "tiny")
+    cfg = probe.resolve_config(
+        probe.ProbeConfig(num_workers=0, progress=False, cache_dir=str(tmp_path / "c")),
+        {"image_size": SIZE, "mean": data_lib.IMAGENET_MEAN, "std": data_lib.IMAGENET_STD},
+        "tiny",
+    )
     feats = probe.centre_crop_features(backbone, train, val, cfg)
     path = Path(feats["cache_path"])
     other = dict(cfg.__dict__, eval_resize=SIZE + 4)

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py at toy size on the CPU (what CI can run): every section measured or skipped with a
 reason, the resume through train.py bit-identical, and the report says what it skipped."""
+
 import json
 import math
 
@@ -40,8 +41,9 @@ def test_figures_are_positive_and_the_toy_makes_no_target_claim(toy):
     t = sec["throughput"]
     assert set(t["images_per_s"]) == {"scan", "moco", "supervised"}
     assert all(v > 0 for v in t["images_per_s"].values())
-    assert math.isclose(t["ratio_scan_supervised"], t["images_per_s"]["scan"] / t["images_per_s"]["supervised"],
-                        rel_tol=1e-2)
+    assert math.isclose(
+        t["ratio_scan_supervised"], t["images_per_s"]["scan"] / t["images_per_s"]["supervised"], rel_tol=1e-2
+    )
     assert t["met"] is None and not t["bf16"] and not t["channels_last"]
     assert sec["decode_cpu"]["loader_images_per_s"] > 0 and sec["features"]["images_per_s"] > 0
     assert sec["mining"]["mine_neighbors_s"] >= 0

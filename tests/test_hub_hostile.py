@@ -5,6 +5,7 @@ Servers listen on 127.0.0.1 only. Each case runs the real code path (``scan-zoo`
 exit status, that the error is one line, that the lock file is unchanged and that nothing was written
 outside the Hub cache.
 """
+
 import hashlib
 import json
 import re
@@ -109,8 +110,9 @@ class FailingHub(HubWriteStandIn):
 
     def _handle(self, h):
         if self.mode == "drop" and self.created and not h.path.startswith("/api/repos/create"):
-            self.requests.append({"method": h.command, "path": h.path, "status": "dropped", "authorization": True,
-                                  "query": ""})
+            self.requests.append(
+                {"method": h.command, "path": h.path, "status": "dropped", "authorization": True, "query": ""}
+            )
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)
             return
@@ -125,8 +127,7 @@ class FailingHub(HubWriteStandIn):
         answer = super()._commit(repo_type, repo_id, body)
         if self.mode == "oid" and answer is not None:
             status, payload, headers = answer
-            payload = {**payload, "commitOid": self.oid,
-                       "commitUrl": f"{self.endpoint}/{repo_id}/commit/{self.oid}"}
+            payload = {**payload, "commitOid": self.oid, "commitUrl": f"{self.endpoint}/{repo_id}/commit/{self.oid}"}
             if self.oid is None:
                 del payload["commitOid"]
             answer = status, payload, headers
@@ -152,8 +153,9 @@ def _publish_in_process(hub, folder, capsys, monkeypatch):
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    code = cli.main(["publish", str(folder), "--repo-id", "scan-zoo/test_resnet.moco_digits",
-                     "--endpoint", hub.endpoint])
+    code = cli.main(
+        ["publish", str(folder), "--repo-id", "scan-zoo/test_resnet.moco_digits", "--endpoint", hub.endpoint]
+    )
     return code, capsys.readouterr()
 
 
@@ -164,8 +166,18 @@ def test_publish_refuses_a_reply_naming_a_path_as_its_revision(digits_export, tm
     with FailingHub("oid", oid="../../..", token=TOKEN) as hub:
         env = hub.client_env(tmp_path / "hf_home")
         env.update(HF_TOKEN=TOKEN, SCAN_ZOO_LOCK=str(lock))
-        p = run_cli([str(BIN / "scan-zoo"), "publish", str(digits_export), "--repo-id", "scan-zoo/x",
-                     "--endpoint", hub.endpoint], env=env)
+        p = run_cli(
+            [
+                str(BIN / "scan-zoo"),
+                "publish",
+                str(digits_export),
+                "--repo-id",
+                "scan-zoo/x",
+                "--endpoint",
+                hub.endpoint,
+            ],
+            env=env,
+        )
     line = one_line(p.stderr)
     assert p.returncode == 2 and "'../../..' is not a commit id" in line and "nothing was recorded" in line, p.stderr
     assert lock.read_bytes() == before
@@ -207,8 +219,10 @@ def test_publish_to_a_closed_port_is_one_line_naming_the_endpoint(digits_export,
     endpoint = f"http://{LOOPBACK}:{free_port()}"
     env = client_env(endpoint, tmp_path / "hf_home")
     env.update(HF_TOKEN=TOKEN, SCAN_ZOO_LOCK=str(lock))
-    p = run_cli([str(BIN / "scan-zoo"), "publish", str(digits_export), "--repo-id", "scan-zoo/x",
-                 "--endpoint", endpoint], env=env)
+    p = run_cli(
+        [str(BIN / "scan-zoo"), "publish", str(digits_export), "--repo-id", "scan-zoo/x", "--endpoint", endpoint],
+        env=env,
+    )
     line = one_line(p.stderr)
     assert p.returncode == 2 and endpoint in line and "ConnectError" in line, p.stderr
     assert "nothing was recorded in the lock" in line and lock.read_bytes() == before
@@ -229,8 +243,11 @@ def test_an_upload_failing_half_way_records_nothing(mode, digits_export, user_lo
 
 
 # ------------------------------------------------------------------------------------------- the lock
-@pytest.mark.parametrize("field,value", [("revision", r) for r in BAD_REVISIONS]
-                         + [("sha256", "abc"), ("sha256", "../x"), ("hf_hub_id", "../../etc"), ("hf_hub_id", "a/b/c")])
+@pytest.mark.parametrize(
+    "field,value",
+    [("revision", r) for r in BAD_REVISIONS]
+    + [("sha256", "abc"), ("sha256", "../x"), ("hf_hub_id", "../../etc"), ("hf_hub_id", "a/b/c")],
+)
 def test_a_lock_entry_with_a_bad_field_is_one_line_naming_file_and_entry(field, value, user_lock, capsys):
     lock, _ = user_lock
     facts = {"hf_hub_id": REPO, "revision": GOOD_REV, "sha256": "0" * 64, field: value}
@@ -260,8 +277,21 @@ def test_a_bad_lock_entry_stops_a_download_before_any_request(tmp_path):
     with LyingResolveServer(b"x") as server:
         env = client_env(server.endpoint, tmp_path / "hf_home")
         env["SCAN_ZOO_LOCK"] = str(lock)
-        p = run_cli([str(BIN / "scan-zoo"), "mine", "--model", ENTRY, "--data", str(data), "--out",
-                     str(tmp_path / "nn.safetensors"), "--num-workers", "0"], env=env)
+        p = run_cli(
+            [
+                str(BIN / "scan-zoo"),
+                "mine",
+                "--model",
+                ENTRY,
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "nn.safetensors"),
+                "--num-workers",
+                "0",
+            ],
+            env=env,
+        )
         assert server.paths == []
     line = one_line(p.stderr)
     assert p.returncode == 2 and str(lock) in line and "'../../..' is not a commit id" in line, p.stderr
@@ -284,8 +314,21 @@ def test_a_download_whose_bytes_differ_from_the_lock_is_refused_and_not_cached(t
     with LyingResolveServer(served) as server:
         env = _mine_env(tmp_path, server.endpoint, expected)
         outside = tree(tmp_path.parent)
-        p = run_cli([str(BIN / "scan-zoo"), "mine", "--model", ENTRY, "--data", str(data), "--out",
-                     str(tmp_path / "nn.safetensors"), "--num-workers", "0"], env=env)
+        p = run_cli(
+            [
+                str(BIN / "scan-zoo"),
+                "mine",
+                "--model",
+                ENTRY,
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "nn.safetensors"),
+                "--num-workers",
+                "0",
+            ],
+            env=env,
+        )
         assert server.paths == [f"/{REPO}/resolve/{GOOD_REV}/model.safetensors"]  # the lock's commit, by id
     line = one_line(p.stderr)
     assert p.returncode == 2 and f"sha256 mismatch for {ENTRY}" in line, p.stderr
@@ -309,19 +352,28 @@ def test_hostile_headers_name_no_file_and_the_weights_load(tmp_path):
     with LyingResolveServer(body) as server:
         env = _mine_env(tmp_path, server.endpoint, hashlib.sha256(body).hexdigest())
         outside = tree(tmp_path.parent)
-        got = run_client(f"""
+        got = run_client(
+            f"""
             import json, scan_zoo, timm, torch
             from safetensors.torch import load_file
             model = timm.create_model({ENTRY!r}, pretrained=True)
             ref = load_file({str(weights)!r})
             print(json.dumps(all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())))
-        """, env)
+        """,
+            env,
+        )
     assert got is True
     cache = tmp_path / "hf_home"
     storage = Path("hub") / ("models--" + REPO.replace("/", "--"))
-    assert tree(cache) == {Path("hub"), storage, storage / "blobs", storage / "snapshots",
-                           storage / "blobs" / hashlib.sha256(body).hexdigest(), storage / "snapshots" / GOOD_REV,
-                           storage / "snapshots" / GOOD_REV / "model.safetensors"}
+    assert tree(cache) == {
+        Path("hub"),
+        storage,
+        storage / "blobs",
+        storage / "snapshots",
+        storage / "blobs" / hashlib.sha256(body).hexdigest(),
+        storage / "snapshots" / GOOD_REV,
+        storage / "snapshots" / GOOD_REV / "model.safetensors",
+    }
     new = {p for p in tree(tmp_path.parent) - outside if not str(p).startswith(tmp_path.name + "/hf_home")}
     assert not new, new
 
@@ -331,14 +383,39 @@ def test_a_failing_download_is_one_line_naming_the_endpoint(status, tmp_path):
     data = make_image_folder(tmp_path / "data", classes=2, per_class=4, size=8, val_per_class=1)
     if status == "closed":
         endpoint = f"http://{LOOPBACK}:{free_port()}"
-        p = run_cli([str(BIN / "scan-zoo"), "mine", "--model", ENTRY, "--data", str(data), "--out",
-                     str(tmp_path / "nn.safetensors"), "--num-workers", "0"], env=_mine_env(tmp_path, endpoint, "0" * 64))
+        p = run_cli(
+            [
+                str(BIN / "scan-zoo"),
+                "mine",
+                "--model",
+                ENTRY,
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "nn.safetensors"),
+                "--num-workers",
+                "0",
+            ],
+            env=_mine_env(tmp_path, endpoint, "0" * 64),
+        )
     else:
         with LyingResolveServer(status=500) as server:
             endpoint = server.endpoint
-            p = run_cli([str(BIN / "scan-zoo"), "mine", "--model", ENTRY, "--data", str(data), "--out",
-                         str(tmp_path / "nn.safetensors"), "--num-workers", "0"],
-                        env=_mine_env(tmp_path, endpoint, "0" * 64))
+            p = run_cli(
+                [
+                    str(BIN / "scan-zoo"),
+                    "mine",
+                    "--model",
+                    ENTRY,
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(tmp_path / "nn.safetensors"),
+                    "--num-workers",
+                    "0",
+                ],
+                env=_mine_env(tmp_path, endpoint, "0" * 64),
+            )
     line = one_line(p.stderr)
     assert p.returncode == 2 and endpoint in line and ENTRY in line, p.stderr
     assert ("ConnectError" if status == "closed" else "HTTP 500") in line
@@ -360,8 +437,9 @@ def test_a_download_over_the_size_limit_is_cut_off_and_not_cached(announce, tmp_
     monkeypatch.setenv(hub.MAX_DOWNLOAD_ENV, "1024")
     with LyingResolveServer(served, content_length=announce) as server:
         monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         with pytest.raises(UserError, match="more than the limit of 1024 bytes") as e:
             hub.weights_path(registry.get_entry(ENTRY), cache_dir=str(tmp_path / "cache"))
     assert "nothing was kept in the cache" in str(e.value)

@@ -26,14 +26,17 @@ def test_olah_hf_hub_download_main_and_pinned_commit(olah, tmp_path):
     new = olah.add_model_repo("acme/pinning", {"config.json": b'{"v": 2}'})
     assert old != new
 
-    got = run_client(f"""
+    got = run_client(
+        f"""
         import json
         from huggingface_hub import hf_hub_download, model_info
         names, revs = ("config.json", "model.safetensors"), ("main", "{old}")
         out = {{rev: {{f: hf_hub_download("acme/pinning", f, revision=rev) for f in names}} for rev in revs}}
         out["sha"] = model_info("acme/pinning", revision="main").sha  # offline olah needs an explicit revision
         print(json.dumps(out))
-    """, olah.client_env(tmp_path / "hf_home"))
+    """,
+        olah.client_env(tmp_path / "hf_home"),
+    )
 
     assert got["sha"] == new
     assert open(got["main"]["config.json"], "rb").read() == b'{"v": 2}'
@@ -60,19 +63,26 @@ def test_olah_timm_pretrained_hf_hub_bit_identical(olah, tmp_path):
     weights = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     config = tmp_path / "config.json"
-    save_config_for_hf(model, str(config), model_config={"scan_zoo": {"method": "test"}},
-                       data_config={"input_size": (3, 32, 32), "crop_pct": 1.0})
+    save_config_for_hf(
+        model,
+        str(config),
+        model_config={"scan_zoo": {"method": "test"}},
+        data_config={"input_size": (3, 32, 32), "crop_pct": 1.0},
+    )
     olah.add_model_repo("acme/test-resnet-scan", {"model.safetensors": weights, "config.json": config})
 
     loaded = tmp_path / "loaded.safetensors"
-    got = run_client(f"""
+    got = run_client(
+        f"""
         import json, timm
         from safetensors.torch import save_file
         m = timm.create_model("hf-hub:acme/test-resnet-scan", pretrained=True)
         save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, {str(loaded)!r})
         print(json.dumps({{"num_classes": m.num_classes, "hf_hub_id": m.pretrained_cfg.get("hf_hub_id"),
                           "input_size": list(m.pretrained_cfg["input_size"])}}))
-    """, olah.client_env(tmp_path / "hf_home"))
+    """,
+        olah.client_env(tmp_path / "hf_home"),
+    )
 
     assert got == {"num_classes": 0, "hf_hub_id": "acme/test-resnet-scan", "input_size": [3, 32, 32]}
     expected, actual = load_file(str(weights)), load_file(str(loaded))
@@ -98,7 +108,8 @@ def test_stand_in_create_repo_and_upload_folder(tmp_path, disable_xet):
     with HubWriteStandIn(token="hf_loopback_token") as hub:
         env = hub.client_env(tmp_path / "hf_home")
         env["HF_HUB_DISABLE_XET"] = disable_xet
-        got = run_client(f"""
+        got = run_client(
+            f"""
             import json
             from huggingface_hub import HfApi
             from huggingface_hub.utils._runtime import is_xet_available
@@ -110,7 +121,9 @@ def test_stand_in_create_repo_and_upload_folder(tmp_path, disable_xet):
             again = api.upload_folder(folder_path={str(folder)!r}, repo_id="acme/uploaded", commit_message="again")
             print(json.dumps({{"repo_id": url.repo_id, "oid": info.oid, "commit_url": info.commit_url,
                               "again": again.oid, "xet": is_xet_available()}}))
-        """, env)
+        """,
+            env,
+        )
 
     assert hub.unexpected() == [], hub.unexpected()
     assert got["xet"] is (disable_xet == "0")  # both upload paths of huggingface_hub are exercised
@@ -128,13 +141,18 @@ def test_stand_in_create_repo_and_upload_folder(tmp_path, disable_xet):
     assert calls == [
         ("POST", "/api/repos/create", 200),
         ("POST", "/api/repos/create", 409),
-        *yaml, *upload, ("POST", "/api/models/acme/uploaded/commit/main", 200),
-        *yaml, *upload, ("GET", "/api/models/acme/uploaded/revision/main", 200),
+        *yaml,
+        *upload,
+        ("POST", "/api/models/acme/uploaded/commit/main", 200),
+        *yaml,
+        *upload,
+        ("GET", "/api/models/acme/uploaded/revision/main", 200),
     ]
 
 
 def test_stand_in_refuses_what_it_does_not_know():
     with HubWriteStandIn() as hub:
+
         def status(path, data=None, headers=None):
             return http_request(hub.endpoint + path, timeout=10, data=data, headers=headers)
 

@@ -4,6 +4,7 @@ which no image can be read is a skipped step, not a crash.
 Ctrl-C is sent as a terminal sends it: to the whole process group (DataLoader workers included). The moment is
 chosen through a training callback (tests/pause_train.py: the run waits after a step until released).
 """
+
 import json
 import os
 import re
@@ -21,16 +22,43 @@ from scan_zoo.experiments.pipeline import run_training
 from scan_zoo.train.checkpoints import checkpoint_problem
 from scan_zoo.train.config import build_config
 
-ARGS = ["--method", "moco", "--model", "test_resnet", "--image-size", "16", "--eval-resize", "16",
-        "--batch-size", "8", "--queue-size", "16", "--epochs", "1000", "--log-every-steps", "1", "--seed", "1"]
-LINE = re.compile(r"^train\.py: interrupted at step (\d+); the last checkpoint is (\S+); continue with --resume latest$")
+ARGS = [
+    "--method",
+    "moco",
+    "--model",
+    "test_resnet",
+    "--image-size",
+    "16",
+    "--eval-resize",
+    "16",
+    "--batch-size",
+    "8",
+    "--queue-size",
+    "16",
+    "--epochs",
+    "1000",
+    "--log-every-steps",
+    "1",
+    "--seed",
+    "1",
+]
+LINE = re.compile(
+    r"^train\.py: interrupted at step (\d+); the last checkpoint is (\S+); continue with --resume latest$"
+)
 
 
 def start(cmd, run_dir, pause=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     # a session of its own: os.killpg reaches it and its DataLoader workers, as Ctrl-C in a terminal would
-    return subprocess.Popen(paused(cmd, pause), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        paused(cmd, pause),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def train_cmd(data, run_dir, *extra):
@@ -127,20 +155,23 @@ def test_stop_request_flags_the_first_sigint_and_aborts_on_the_second():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs in the main thread, between two bytecodes
         assert stop.requested
-        with pytest.raises(Interrupted, match="^interrupted at step 7; the last checkpoint is ckpt; continue with "
-                                              "--resume latest$"):
+        with pytest.raises(
+            Interrupted, match="^interrupted at step 7; the last checkpoint is ckpt; continue with --resume latest$"
+        ):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
 def test_sigterm_alone_still_ends_the_process_at_once():
-    code = ("import os, signal, time\n"
-            "from scan_zoo.train.interrupt import Interrupted, StopRequest\n"
-            "with StopRequest(lambda: Interrupted(1, 'x')):\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    time.sleep(30)\n"
-            "print('survived')\n")
+    code = (
+        "import os, signal, time\n"
+        "from scan_zoo.train.interrupt import Interrupted, StopRequest\n"
+        "with StopRequest(lambda: Interrupted(1, 'x')):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "print('survived')\n"
+    )
     p = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == -signal.SIGTERM and "survived" not in p.stdout, p.stderr[-2000:]
 
@@ -196,9 +227,22 @@ def test_a_batch_without_one_readable_image_is_a_skipped_step(tmp_path):
     data = make_image_folder(tmp_path / "data")  # 48 images: 6 steps of 8
     bad = corrupt_batch(data, step=1, seed=1, anchors=8)  # the second step's batch
     run = tmp_path / "run"
-    cfg = build_config(dict(method="moco", model="test_resnet", data=str(data), output_dir=str(run), epochs=1,
-                            batch_size=8, queue_size=16, image_size=16, eval_resize=16, num_workers=0,
-                            log_every_steps=1, seed=1))
+    cfg = build_config(
+        dict(
+            method="moco",
+            model="test_resnet",
+            data=str(data),
+            output_dir=str(run),
+            epochs=1,
+            batch_size=8,
+            queue_size=16,
+            image_size=16,
+            eval_resize=16,
+            num_workers=0,
+            log_every_steps=1,
+            seed=1,
+        )
+    )
     r = run_training(cfg)
     assert r["finished"] and r["steps"] == 6
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -221,9 +265,29 @@ def test_two_processes_skip_and_stop_at_the_same_step(tmp_path):
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "train.py", "--data", str(data), "--output-dir", str(run), *ARGS, "--num-workers", "0"]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "train.py",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(run),
+        *ARGS,
+        "--num-workers",
+        "0",
+    ]
     p = start(cmd, run, pause="step:3")
     markers = [run / f".paused_step_3.{r}" for r in (0, 1)]
     wait_for(markers, p)
@@ -245,8 +309,10 @@ def test_both_collate_functions_turn_an_unreadable_batch_into_an_empty_one():
     from scan_zoo.data.datasets import collate_views
     from scan_zoo.data.device import collate_encoded
 
-    for batch in (collate_views([(None, 0, 3, 3, "a.png: broken"), (None, 1, 4, 4, "b.png: broken")]),
-                  collate_encoded([(None, 0, 3, 3, None, "a.png", "a.png: broken")])):
+    for batch in (
+        collate_views([(None, 0, 3, 3, "a.png: broken"), (None, 1, 4, 4, "b.png: broken")]),
+        collate_encoded([(None, 0, 3, 3, None, "a.png", "a.png: broken")]),
+    ):
         assert batch["index"].numel() == 0 and set(batch) == {"skipped", "index"}
         assert batch["skipped"][0] == "a.png: broken"
 
@@ -254,6 +320,7 @@ def test_both_collate_functions_turn_an_unreadable_batch_into_an_empty_one():
 def test_ctrl_c_in_eval_linear_is_one_line_and_writes_no_results(tmp_path, monkeypatch, capsys):
     import eval_linear
     from scan_zoo.eval import probe
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 

@@ -1,4 +1,5 @@
 """`scan-zoo-launch`: accelerate's launcher without its config warnings, passing the script's exit status on."""
+
 import os
 
 import pytest
@@ -12,8 +13,11 @@ LAUNCH = [PYTHON, "-m", "scan_zoo.common.launch"]
 
 def clean_home(tmp_path) -> dict:
     """A HOME without the file `accelerate config` writes (and no HF_HOME / XDG_CACHE_HOME pointing at one)."""
-    env = {"HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "home" / "hf"),
-           "XDG_CACHE_HOME": str(tmp_path / "home" / "cache")}
+    env = {
+        "HOME": str(tmp_path / "home"),
+        "HF_HOME": str(tmp_path / "home" / "hf"),
+        "XDG_CACHE_HOME": str(tmp_path / "home" / "cache"),
+    }
     os.makedirs(env["HOME"])
     return env
 
@@ -23,8 +27,7 @@ def lines(text: str) -> list[str]:
 
 
 def test_the_shipped_config_is_added_only_when_the_user_has_none():
-    assert launch_args(["train.py"], user_default_exists=False) == ["--config_file", str(ACCELERATE_CONFIG),
-                                                                   "train.py"]
+    assert launch_args(["train.py"], user_default_exists=False) == ["--config_file", str(ACCELERATE_CONFIG), "train.py"]
     assert launch_args(["train.py"], user_default_exists=True) == ["train.py"]
     mine = ["--config_file", "my.yaml", "train.py"]
     assert launch_args(mine, user_default_exists=False) == mine
@@ -43,8 +46,20 @@ def test_a_bad_option_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.slow  # a launcher and a child interpreter: 20-50 s on a busy 2-core CPU
 def test_two_processes_pass_the_status_on(tmp_path):
-    out = run_cli([*LAUNCH, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
-                   "train.py", "--epochs", "-1"], env=clean_home(tmp_path))
+    out = run_cli(
+        [
+            *LAUNCH,
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+            "train.py",
+            "--epochs",
+            "-1",
+        ],
+        env=clean_home(tmp_path),
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "warn" not in out.stderr.lower()
 
@@ -52,17 +67,35 @@ def test_two_processes_pass_the_status_on(tmp_path):
 @pytest.mark.slow  # a launcher and a child interpreter: 20-50 s on a busy 2-core CPU
 def test_plain_accelerate_launch_loses_the_status(tmp_path):
     """What docs/training.md says of plain `accelerate launch`: exit 1 and a traceback (its launcher's doing)."""
-    out = run_cli([*LAUNCH[:1], "-m", "accelerate.commands.launch", "train.py", "--epochs", "-1"],
-                  env=clean_home(tmp_path))
+    out = run_cli(
+        [*LAUNCH[:1], "-m", "accelerate.commands.launch", "train.py", "--epochs", "-1"], env=clean_home(tmp_path)
+    )
     assert out.returncode == 1 and "CalledProcessError" in out.stderr
     assert "were not passed to `accelerate launch`" in out.stderr
 
 
 @pytest.mark.slow  # a launcher and a child interpreter: 20-50 s on a busy 2-core CPU
 def test_a_tiny_launch_prints_no_warning(tmp_path, tiny_data):
-    out = run_cli([*LAUNCH, "train.py", "--method", "moco", "--data", str(tiny_data), *COMMON, "--batch-size", "8",
-                   "--queue-size", "16", "--max-steps", "2", "--output-dir", str(tmp_path / "run")],
-                  env=clean_home(tmp_path))
+    out = run_cli(
+        [
+            *LAUNCH,
+            "train.py",
+            "--method",
+            "moco",
+            "--data",
+            str(tiny_data),
+            *COMMON,
+            "--batch-size",
+            "8",
+            "--queue-size",
+            "16",
+            "--max-steps",
+            "2",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        env=clean_home(tmp_path),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     warnings = [line for line in (out.stdout + out.stderr).splitlines() if "warn" in line.lower()]
     assert warnings == []

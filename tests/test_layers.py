@@ -1,4 +1,5 @@
 """The package's layers: imports only go down (the import-linter contract in pyproject.toml), and no cycles."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,7 @@ def test_every_subpackage_is_in_the_layers_contract():
 
 
 def test_lint_imports_keeps_the_contract():
-    out = subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=ROOT, capture_output=True,
-                         text=True)
+    out = subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -95,8 +95,9 @@ def _function_level_imports(path: Path) -> list[tuple[int, str]]:
 
 def test_imports_inside_functions_say_why():
     """Imports go at the top; one inside a function is for a heavy or optional dependency, with its reason."""
-    unexplained = {str(p.relative_to(ROOT)): _function_level_imports(p)
-                   for p in sorted((ROOT / "scan_zoo").rglob("*.py"))}
+    unexplained = {
+        str(p.relative_to(ROOT)): _function_level_imports(p) for p in sorted((ROOT / "scan_zoo").rglob("*.py"))
+    }
     unexplained = {k: v for k, v in unexplained.items() if v}
     assert not unexplained, f"imports inside functions without a '# lazy:'/'# optional:' reason: {unexplained}"
 

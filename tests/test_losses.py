@@ -11,10 +11,12 @@ from scan_zoo.core.losses import contrast_masks, masked_info_nce, moco_info_nce
 def naive_masked_info_nce(logits, pos, neg, denominator="all"):
     """Per anchor: positives from ``pos``, denominator = positives + negatives (or negatives only)."""
     B, M = logits.shape
+
     def anchor(i):
         P = [j for j in range(M) if pos[i, j]]
         N = [j for j in range(M) if neg[i, j]]
         return logits[i].tolist(), P, P + N if denominator == "all" else N
+
     return naive_info_nce(anchor(i) for i in range(B))
 
 
@@ -93,11 +95,13 @@ def test_scan_with_k0_and_no_in_batch_negatives_is_moco(tau):
     pos = torch.cat([pos_b, torch.zeros(B, L, dtype=torch.bool)], 1)
     neg = torch.cat([neg_b, torch.ones(B, L, dtype=torch.bool)], 1)
     scan = masked_info_nce(logits, pos, neg)
+
     # MoCo as its paper/code writes it, computed independently in float64
     # (per anchor: logits [l_pos, l_neg(queue)...], the positive is slot 0, the denominator every slot)
     def anchor(i):
         row = [float(q[i] @ k[i]) / tau] + [float(q[i] @ z) / tau for z in queue]
         return row, [0], range(len(row))
+
     naive = naive_info_nce(anchor(i) for i in range(B))
     assert scan.item() == pytest.approx(naive, rel=1e-5)
     assert scan.item() == pytest.approx(moco_info_nce(q, k, queue, tau).item(), rel=1e-5)
@@ -108,9 +112,11 @@ def naive_supcon_out(q, k, labels, queue, queue_labels, tau):
     denominator = all keys."""
     keys = torch.cat([k, queue]).double()
     key_labels = torch.cat([labels, queue_labels])
+
     def anchor(i):
         s = [float(q[i].double() @ kk) / tau for kk in keys]
         return s, [j for j in range(len(keys)) if key_labels[j] == labels[i]], range(len(keys))
+
     return naive_info_nce(anchor(i) for i in range(len(q)))
 
 
@@ -152,8 +158,9 @@ def test_a_queue_of_negatives_equals_its_columns_appended_with_masks(denominator
     fast = masked_info_nce(logits, pos, neg, denominator, negatives=queue)
     grads = torch.autograd.grad(fast, [logits, queue])
     ones, zeros = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
-    slow = masked_info_nce(torch.cat([logits, queue], 1), torch.cat([pos, zeros], 1), torch.cat([neg, ones], 1),
-                           denominator)
+    slow = masked_info_nce(
+        torch.cat([logits, queue], 1), torch.cat([pos, zeros], 1), torch.cat([neg, ones], 1), denominator
+    )
     want = torch.autograd.grad(slow, [logits, queue])
     torch.testing.assert_close(fast, slow)
     for got, ref in zip(grads, want):
@@ -161,5 +168,7 @@ def test_a_queue_of_negatives_equals_its_columns_appended_with_masks(denominator
     # no positive anywhere: an exact zero that still has a gradient path; an empty queue changes nothing
     zero = masked_info_nce(logits, torch.zeros_like(pos), neg, denominator, negatives=queue)
     assert zero.item() == 0.0 and zero.requires_grad
-    torch.testing.assert_close(masked_info_nce(logits, pos, neg, denominator, negatives=queue[:, :0]),
-                               masked_info_nce(logits, pos, neg, denominator))
+    torch.testing.assert_close(
+        masked_info_nce(logits, pos, neg, denominator, negatives=queue[:, :0]),
+        masked_info_nce(logits, pos, neg, denominator),
+    )

@@ -1,5 +1,6 @@
 """Method invariants: the key path uses the momentum encoder, no gradient reaches it, the queue is a FIFO,
 and the method classes reduce to each other where docs/method.md says they do."""
+
 import copy
 
 import pytest
@@ -172,11 +173,23 @@ def test_methods_fit_backbones_whose_pooled_width_is_not_num_features():
     x = torch.randn(4, 3, 32, 32)
     assert backbone(x).shape == (4, pooled_dim(backbone))
     for method in ("supervised", "moco"):
-        cfg = SimpleNamespace(method=method, proj_dim=16, queue_size=8, temperature=0.2, key_momentum=0.99,
-                              shuffle_bn=False, key_bn_splits=1, seed=0)
+        cfg = SimpleNamespace(
+            method=method,
+            proj_dim=16,
+            queue_size=8,
+            temperature=0.2,
+            key_momentum=0.99,
+            shuffle_bn=False,
+            key_bn_splits=1,
+            seed=0,
+        )
         m = build_method(cfg, create_backbone("mobilenetv3_small_050"), num_classes=3)
-        batch = {"views": [x, x.clone()], "label": torch.tensor([0, 1, 2, 0]), "index": torch.arange(4),
-                 "group": torch.arange(4)}
+        batch = {
+            "views": [x, x.clone()],
+            "label": torch.tensor([0, 1, 2, 0]),
+            "index": torch.arange(4),
+            "group": torch.arange(4),
+        }
         assert torch.isfinite(m(batch)["loss"])
 
 

@@ -1,4 +1,5 @@
 """Stage 1 end to end: the feature-file path for big data sets gives the in-memory path's table, bit for bit."""
+
 import timm
 import torch
 
@@ -14,10 +15,15 @@ def test_features_mined_from_a_file_give_the_in_memory_table(tmp_path, tiny_data
     extract_to_file = mining.extract_to_file
     monkeypatch.setattr(mining, "extract_to_file", lambda *a, **kw: calls.append(1) or extract_to_file(*a, **kw))
     torch.manual_seed(0)
-    export_backbone(timm.create_model("test_resnet", num_classes=0), tmp_path / "m",
-                    data_config_for(16, 16, (0.5,) * 3, (0.5,) * 3), {"method": "none"})
-    common = dict(appearance_model=str(tmp_path / "m"), data_root=tiny_data, k=3, image_size=16,
-                  num_workers=0, batch_size=5)  # batches that do not divide the 48 images
+    export_backbone(
+        timm.create_model("test_resnet", num_classes=0),
+        tmp_path / "m",
+        data_config_for(16, 16, (0.5,) * 3, (0.5,) * 3),
+        {"method": "none"},
+    )
+    common = dict(
+        appearance_model=str(tmp_path / "m"), data_root=tiny_data, k=3, image_size=16, num_workers=0, batch_size=5
+    )  # batches that do not divide the 48 images
     in_memory = mine_dataset(out=tmp_path / "a" / "nb.safetensors", **common)
     assert not calls
     from_file = mine_dataset(out=tmp_path / "b" / "nb.safetensors", in_memory_max_bytes=0, **common)
@@ -57,8 +63,12 @@ def test_two_processes_write_one_feature_file_and_agree(tmp_path, tiny_data):
 
     from helpers import BIN, run_cli
 
-    export_backbone(timm.create_model("test_resnet", num_classes=0), tmp_path / "m",
-                    data_config_for(16, 16, (0.5,) * 3, (0.5,) * 3), {"method": "none"})
+    export_backbone(
+        timm.create_model("test_resnet", num_classes=0),
+        tmp_path / "m",
+        data_config_for(16, 16, (0.5,) * 3, (0.5,) * 3),
+        {"method": "none"},
+    )
     (tmp_path / "mine2.py").write_text(SCRIPT)
     tables = {}
     for name, limit in (("memory", 1 << 40), ("file", 0)):
@@ -66,8 +76,20 @@ def test_two_processes_write_one_feature_file_and_agree(tmp_path, tiny_data):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         out = tmp_path / name / "nb.safetensors"
-        p = run_cli([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
-                     str(tmp_path / "mine2.py"), str(tmp_path / "m"), str(tiny_data), str(out), str(limit)])
+        p = run_cli(
+            [
+                str(BIN / "torchrun"),
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(port),
+                str(tmp_path / "mine2.py"),
+                str(tmp_path / "m"),
+                str(tiny_data),
+                str(out),
+                str(limit),
+            ]
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         got = [torch.load(f"{out}.rank{r}.pt", weights_only=True) for r in (0, 1)]
         assert [g["file"] for g in got] == [name == "file"] * 2  # the path under test was taken, by both

@@ -8,6 +8,7 @@ weights of the uninterrupted run, bit for bit; a node killed mid-run, or silent 
 ends the other with one line and exit status 4, and ``--resume latest`` then finishes the run identically.
 Thread counts are pinned (OMP_NUM_THREADS=1) so every launcher computes in the same order.
 """
+
 import os
 import re
 import shutil
@@ -29,9 +30,28 @@ BATCH, K, QUEUE, STEPS = 9, 2, 40, 4
 
 def scan_args(data: Path, out: Path, *extra: str) -> list[str]:
     """A 4-step SCAN run (a checkpoint every 2 steps), mining its neighbours with the shipped MoCo weights."""
-    return ["--method", "scan", "--data", str(data), "--batch-size", str(BATCH), "--k", str(K), "--queue-size",
-            str(QUEUE), "--max-steps", str(STEPS), "--save-every-steps", "2", "--appearance-model", str(APPEARANCE),
-            "--output-dir", str(out), *COMMON, *extra]
+    return [
+        "--method",
+        "scan",
+        "--data",
+        str(data),
+        "--batch-size",
+        str(BATCH),
+        "--k",
+        str(K),
+        "--queue-size",
+        str(QUEUE),
+        "--max-steps",
+        str(STEPS),
+        "--save-every-steps",
+        "2",
+        "--appearance-model",
+        str(APPEARANCE),
+        "--output-dir",
+        str(out),
+        *COMMON,
+        *extra,
+    ]
 
 
 def node_cmd(launcher: str, node: int, port: int, script: list[str]) -> list[str]:
@@ -41,12 +61,44 @@ def node_cmd(launcher: str, node: int, port: int, script: list[str]) -> list[str
     rendezvous with it. Which node gets global rank 0 is the rendezvous' choice, not ``--node-rank``'s.
     """
     if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"job{port}",
-                "--rdzv-conf", f"is_host={int(node == 0)}", *script]
-    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(node),
-            "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-            "--mixed_precision", "no", "--dynamo_backend", "no", *script]
+        return [
+            str(BIN / "torchrun"),
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--node-rank",
+            str(node),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv-id",
+            f"job{port}",
+            "--rdzv-conf",
+            f"is_host={int(node == 0)}",
+            *script,
+        ]
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        str(node),
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *script,
+    ]
 
 
 def start_nodes(launcher: str, script: list[str], logs: Path, env: dict | None = None) -> list[subprocess.Popen]:
@@ -55,8 +107,16 @@ def start_nodes(launcher: str, script: list[str], logs: Path, env: dict | None =
     port, procs = free_port(), []
     for node in (0, 1):
         with open(logs / f"node{node}.out", "w") as out, open(logs / f"node{node}.err", "w") as err:
-            procs.append(subprocess.Popen(node_cmd(launcher, node, port, script), cwd=ROOT, stdout=out, stderr=err,
-                                          env={**os.environ, **ENV, **(env or {})}, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    node_cmd(launcher, node, port, script),
+                    cwd=ROOT,
+                    stdout=out,
+                    stderr=err,
+                    env={**os.environ, **ENV, **(env or {})},
+                    start_new_session=True,
+                )
+            )
     return procs
 
 
@@ -90,8 +150,7 @@ def reference(data, tmp_path_factory) -> Path:
     """The uninterrupted 2-node torchrun run: checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("reference")
     run_nodes("torchrun", ["train.py", *scan_args(data, out / "run")], out / "logs")
-    assert [c.name for c in sorted((out / "run" / "checkpoints").glob("step_*"))] == ["step_00000002",
-                                                                                      "step_00000004"]
+    assert [c.name for c in sorted((out / "run" / "checkpoints").glob("step_*"))] == ["step_00000002", "step_00000004"]
     return out / "run"
 
 
@@ -150,8 +209,9 @@ def naive_queue_labels(data: Path, run: Path) -> torch.Tensor:
     neighbors = load_file(str(run / "neighbors.safetensors"))["indices"]
     batches = []
     for rank in range(2):
-        sampler = data_lib.NeighborBatchSampler(len(targets), BATCH // (K + 1), neighbors, rank=rank, world_size=2,
-                                                seed=0)
+        sampler = data_lib.NeighborBatchSampler(
+            len(targets), BATCH // (K + 1), neighbors, rank=rank, world_size=2, seed=0
+        )
         sampler.set_epoch(0, 0)
         batches.append([[targets[int(e[0])] for e in b] for b, _ in zip(sampler, range(STEPS))])
     queue, ptr = [-1] * QUEUE, 0
@@ -171,16 +231,27 @@ def test_two_node_torchrun_queue_mining_and_single_node_resume(data, reference, 
     assert torch.equal(final["queue.labels"], naive_queue_labels(data, reference))
 
     # mining across the nodes: the table one process mines
-    single = mine_dataset(str(APPEARANCE), data, tmp_path / "single.safetensors", K, 16, 16, arch="test_resnet",
-                          num_workers=0)
+    single = mine_dataset(
+        str(APPEARANCE), data, tmp_path / "single.safetensors", K, 16, 16, arch="test_resnet", num_workers=0
+    )
     across = load_file(str(reference / "neighbors.safetensors"))
     assert torch.equal(across["indices"], single)
     assert torch.equal(across["similarities"], load_file(str(tmp_path / "single.safetensors"))["similarities"])
 
     # the step-2 checkpoint of the 2-node run, resumed by one node with two processes
     run = resumable_copy(reference, tmp_path / "one_node")
-    p = run_cli([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()), "train.py",
-                 *scan_args(data, run, "--resume", "latest")], env=ENV)
+    p = run_cli(
+        [
+            str(BIN / "torchrun"),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "train.py",
+            *scan_args(data, run, "--resume", "latest"),
+        ],
+        env=ENV,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_state(run, final)
 
@@ -199,8 +270,11 @@ def paused_at_step_3(data: Path, run: Path, logs: Path, timeout: int, procs: lis
     """Start a 2-node torchrun run (its launchers appended to ``procs``) and wait until it waits after step 3, its
     step-2 checkpoint written; returns the pid of node 1's process and the markers holding node 1's and node 0's."""
     # every process waits after step 3 (tests/pause_train.py: train.py with a pausing callback)
-    procs += start_nodes("torchrun", ["tests/pause_train.py", "--pause", "step:3",
-                                      *scan_args(data, run, "--dist-timeout", str(timeout))], logs)
+    procs += start_nodes(
+        "torchrun",
+        ["tests/pause_train.py", "--pause", "step:3", *scan_args(data, run, "--dist-timeout", str(timeout))],
+        logs,
+    )
     markers = [run / f".paused_step_3.{rank}" for rank in range(2)]
     wait_for(markers, procs, logs)
     by_pid = {int(m.read_text()): m for m in markers}

@@ -1,4 +1,5 @@
 """Stage 1: per-class mining equals a brute-force N x N reference; tables carry and check provenance."""
+
 import pytest
 import torch
 import torch.nn.functional as F

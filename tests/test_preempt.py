@@ -3,6 +3,7 @@ between two steps with a checkpoint and exit status 75, in one line; ``--resume 
 to the run left alone. The signals are real (``os.kill`` / ``os.killpg``) on real train.py processes, paused at a
 known step by tests/pause_train.py.
 """
+
 import os
 import re
 import signal
@@ -31,11 +32,32 @@ from scan_zoo.train.checkpoints import checkpoint_problem, list_checkpoints
 from scan_zoo.train.interrupt import Deadline, parse_duration, parse_signals
 
 # 48 images, 8 a step: 6 steps an epoch, 18 in all; checkpoints every 4 steps, two kept
-ARGS = [*COMMON, "--method", "moco", "--batch-size", "8", "--queue-size", "16", "--epochs", "3", "--lr", "0.05",
-        "--seed", "1", "--save-every-steps", "4", "--keep-checkpoints", "2", "--deterministic", "true"]
+ARGS = [
+    *COMMON,
+    "--method",
+    "moco",
+    "--batch-size",
+    "8",
+    "--queue-size",
+    "16",
+    "--epochs",
+    "3",
+    "--lr",
+    "0.05",
+    "--seed",
+    "1",
+    "--save-every-steps",
+    "4",
+    "--keep-checkpoints",
+    "2",
+    "--deterministic",
+    "true",
+]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-LINE = re.compile(r"^train\.py: preempted \((.+)\) at step (\d+); the last checkpoint is (\S+); "
-                  r"requeue and continue with --resume latest$")
+LINE = re.compile(
+    r"^train\.py: preempted \((.+)\) at step (\d+); the last checkpoint is (\S+); "
+    r"requeue and continue with --resume latest$"
+)
 
 
 def train_cmd(data, run_dir, *extra):
@@ -48,8 +70,15 @@ def train(data, run_dir, *extra, env=None):
 
 def start(cmd, pause, env=None):
     """``cmd`` paused at ``pause``, in a session of its own (os.killpg reaches its DataLoader workers too)."""
-    return subprocess.Popen(paused(cmd, pause), cwd=ROOT, env={**os.environ, **ENV, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        paused(cmd, pause),
+        cwd=ROOT,
+        env={**os.environ, **ENV, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(markers, proc, timeout=300):
@@ -104,8 +133,7 @@ def resume_to_the_end(data, run, reference):
 # ------------------------------------------------------------------------------------------ signals
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, times", [(signal.SIGTERM, 1), (signal.SIGUSR1, 1), (signal.SIGTERM, 2)])
-def test_a_signal_mid_epoch_checkpoints_exits_75_and_the_resume_is_bit_identical(data, reference, tmp_path, sig,
-                                                                                 times):
+def test_a_signal_mid_epoch_checkpoints_exits_75_and_the_resume_is_bit_identical(data, reference, tmp_path, sig, times):
     """Sent to the whole process group, DataLoader workers included (as a scheduler signals every process of the
     job); a second signal changes nothing."""
     run = tmp_path / "run"
@@ -149,9 +177,25 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identical(data, tmp_
     assert p.returncode == 0, p.stderr[-3000:]
 
     run = tmp_path / "run"
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "train.py", *args, "--output-dir", str(run)]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "train.py",
+        *args,
+        "--output-dir",
+        str(run),
+    ]
     p = start(cmd, "step:4")
     markers = [run / f".paused_step_4.{r}" for r in (0, 1)]
     wait_for(markers, p)
@@ -192,8 +236,9 @@ def test_a_signal_outside_the_training_steps_is_one_line_and_loses_nothing(data,
         assert train.main(args) == 75
     assert signal.getsignal(signal.SIGTERM) == before
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("train.py:")]
-    assert lines == ["train.py: preempted (SIGTERM) outside the training steps; requeue and continue with "
-                     "--resume latest"]
+    assert lines == [
+        "train.py: preempted (SIGTERM) outside the training steps; requeue and continue with --resume latest"
+    ]
     assert checkpoint_problem(run / "checkpoints" / "step_00000002", verify=True) is None
     assert train.main([*args, "--resume", "latest"]) == 0
     assert (run / "model.safetensors").is_file()
@@ -235,10 +280,19 @@ def test_slurm_job_end_time_is_the_deadline(data, reference, tmp_path, when):
         resume_to_the_end(data, run, reference)
 
 
-@pytest.mark.parametrize("flag, value", [("--time-limit", "abc"), ("--time-limit", "-5"), ("--time-limit", "1:99:00"),
-                                         ("--time-limit", "0"), ("--time-limit", "nan"),
-                                         ("--preempt-signals", "TERM,FOO"), ("--preempt-signals", "INT"),
-                                         ("--time-limit-margin", "-1")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--time-limit", "abc"),
+        ("--time-limit", "-5"),
+        ("--time-limit", "1:99:00"),
+        ("--time-limit", "0"),
+        ("--time-limit", "nan"),
+        ("--preempt-signals", "TERM,FOO"),
+        ("--preempt-signals", "INT"),
+        ("--time-limit-margin", "-1"),
+    ],
+)
 def test_a_bad_value_is_one_line_and_exit_2(tmp_path, flag, value, capsys):
     sys.path.insert(0, str(ROOT))
     import train

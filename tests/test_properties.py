@@ -3,6 +3,7 @@
 Random shapes, masks and labels, rows without positives, duplicate images, classes of one image and
 K larger than a class. Every reference is a deliberately naive loop in float64.
 """
+
 import math
 import types
 
@@ -24,10 +25,12 @@ SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[Heal
 # ------------------------------------------------------------------------------------------ the loss
 def naive_masked_info_nce(logits, pos, neg, denominator="all"):
     """Per anchor: positives from ``pos``, denominator = positives + negatives (or negatives only)."""
+
     def anchor(i):
         P = [j for j in range(len(logits[i])) if pos[i][j]]
         N = [j for j in range(len(logits[i])) if neg[i][j]]
         return logits[i], P, P + N if denominator == "all" else N
+
     return naive_info_nce(anchor(i) for i in range(len(logits)))
 
 
@@ -75,8 +78,9 @@ def test_masked_info_nce_ignores_row_shifts_and_column_order(data, shift, seed):
     base = masked_info_nce(logits, pos, neg)
     assert masked_info_nce(logits + shift, pos, neg).item() == pytest.approx(base.item(), rel=1e-4, abs=1e-3)
     perm = torch.randperm(logits.shape[1], generator=torch.Generator().manual_seed(seed))
-    assert masked_info_nce(logits[:, perm], pos[:, perm], neg[:, perm]).item() == pytest.approx(base.item(), rel=1e-5,
-                                                                                                abs=1e-5)
+    assert masked_info_nce(logits[:, perm], pos[:, perm], neg[:, perm]).item() == pytest.approx(
+        base.item(), rel=1e-5, abs=1e-5
+    )
     assert base.item() >= -1e-6  # with positives in the denominator every term is -log(p), p <= 1
 
 
@@ -85,8 +89,13 @@ def unit_rows(n, d, seed):
 
 
 @SETTINGS
-@given(b=st.integers(1, 9), d=st.integers(1, 9), length=st.integers(1, 20), tau=st.floats(0.05, 1.0),
-       seed=st.integers(0, 2**16))
+@given(
+    b=st.integers(1, 9),
+    d=st.integers(1, 9),
+    length=st.integers(1, 20),
+    tau=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**16),
+)
 def test_scan_at_k0_without_in_batch_negatives_is_moco(b, d, length, tau, seed):
     """docs/method.md's degenerate case, through the masks SCAN really builds: each slot its own pseudo-class."""
     q, k, queue = unit_rows(b, d, seed), unit_rows(b, d, seed + 1), unit_rows(length, d, seed + 2)
@@ -227,13 +236,16 @@ def test_copies_of_an_image_are_each_others_nearest(n, copies, k, seed):
     idx, sim = mine_neighbors(feats, torch.zeros(n + copies, dtype=torch.long), k)
     for i in range(copies):
         want = [j for j in range(copies) if j != i][:k]
-        assert idx[i, :len(want)].tolist() == want  # ties broken by the lower index
-        assert torch.allclose(sim[i, :len(want)], torch.ones(len(want)), atol=1e-6)
+        assert idx[i, : len(want)].tolist() == want  # ties broken by the lower index
+        assert torch.allclose(sim[i, : len(want)], torch.ones(len(want)), atol=1e-6)
 
 
 @SETTINGS
-@given(axes=st.lists(st.tuples(st.integers(0, 2), st.sampled_from([-3, -1, 1, 2])), min_size=1, max_size=16),
-       labels=st.lists(st.integers(0, 2), min_size=16, max_size=16), k=st.integers(1, 5))
+@given(
+    axes=st.lists(st.tuples(st.integers(0, 2), st.sampled_from([-3, -1, 1, 2])), min_size=1, max_size=16),
+    labels=st.lists(st.integers(0, 2), min_size=16, max_size=16),
+    k=st.integers(1, 5),
+)
 def test_exact_ties_and_opposite_images(axes, labels, k):
     """Features along the axes: Sim is exactly 1 (same direction), 1/2 (orthogonal) or 0 (opposite).
 
@@ -242,7 +254,7 @@ def test_exact_ties_and_opposite_images(axes, labels, k):
     feats = torch.zeros(len(axes), 3)
     for i, (axis, value) in enumerate(axes):
         feats[i, axis] = value
-    labels = torch.tensor(labels[:len(axes)])
+    labels = torch.tensor(labels[: len(axes)])
     idx, sim = mine_neighbors(feats, labels, k)
     ref = brute_force_sims(feats, labels)
     for i in range(len(axes)):

@@ -5,6 +5,7 @@ and its printed kNN and linear top-1 are compared with the entry's ``eval_result
 table and the README's zoo table: kNN exactly (at the precision each shows), linear top-1 within the
 tolerance the card states.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def printed_row(stdout: str, protocol: str) -> dict:
     lines = [ln for ln in stdout.splitlines() if ln.strip()]
     head = next(i for i, ln in enumerate(lines) if ln.startswith("protocol  data"))
     row = lines[head + 2].split()
-    assert row[0] == protocol, lines[head:head + 3]
+    assert row[0] == protocol, lines[head : head + 3]
     return {"top1": float(row[2]), "knn": float(row[4])}
 
 
@@ -67,8 +68,14 @@ def test_printed_command_reproduces_the_published_numbers(entry, tmp_path, fresh
     assert argv[2:] == [entry.name]
 
     # exactly the printed command, in a scratch directory (its default --out goes there) with a fresh cache
-    proc = subprocess.run([PYTHON, str(ROOT / "eval_linear.py"), *argv[2:]], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "SCAN_ZOO_CACHE": str(fresh_cache)})
+    proc = subprocess.run(
+        [PYTHON, str(ROOT / "eval_linear.py"), *argv[2:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "SCAN_ZOO_CACHE": str(fresh_cache)},
+    )
     assert proc.returncode == 0, proc.stderr
     got = printed_row(proc.stdout, "cached")
 

@@ -14,6 +14,7 @@ one stated way, never skipped silently:
 
 A block this test does not know how to run fails it: a new README snippet needs a decision here.
 """
+
 from __future__ import annotations
 
 import os
@@ -96,8 +97,12 @@ def test_every_readme_snippet_runs(checkout, tmp_path):
     lock.write_bytes((ROOT / "scan_zoo" / "zoo_lock.json").read_bytes())
     ran = []
     with HubWriteStandIn(token=TOKEN) as hub:
-        env = {**hub.client_env(tmp_path / "hf_home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-               "PYTHONUNBUFFERED": "1", "SCAN_ZOO_LOCK": str(lock)}
+        env = {
+            **hub.client_env(tmp_path / "hf_home"),
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONUNBUFFERED": "1",
+            "SCAN_ZOO_LOCK": str(lock),
+        }
         for lang, text in blocks:
             if lang == "bash":
                 todo = [c for c in (adapt(c, checkout, data) for c in commands(text)) if c]
@@ -109,7 +114,9 @@ def test_every_readme_snippet_runs(checkout, tmp_path):
                 continue  # sample output
             for argv in runs:
                 r = subprocess.run(argv, cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
-                assert r.returncode == 0, f"README snippet failed (exit {r.returncode}):\n{argv[-1]}\n{r.stderr[-3000:]}"
+                assert r.returncode == 0, (
+                    f"README snippet failed (exit {r.returncode}):\n{argv[-1]}\n{r.stderr[-3000:]}"
+                )
                 ran.append(argv[-1])
         assert not hub.unexpected()
         assert any(repo.startswith("my-org/") for repo in hub.repos), "the README's publish uploaded nothing"

@@ -4,6 +4,7 @@ checkpoint is refused; one run per directory; an --output-dir that is a file and
 
 The runs are real ``train.py`` processes on a tiny ImageFolder; one short run is trained once and copied.
 """
+
 import errno
 import json
 import os
@@ -21,15 +22,40 @@ from scan_zoo.train.checkpoints import checkpoint_problem, list_checkpoints
 from scan_zoo.train.trainer import cosine_lr
 
 # 48 images, 8 a step: 6 steps an epoch; checkpoints at steps 2 and 4
-ARGS = ["--method", "moco", "--model", "test_resnet", "--image-size", "16", "--eval-resize", "16",
-        "--num-workers", "0", "--batch-size", "8", "--queue-size", "16", "--lr", "0.05", "--seed", "1",
-        "--save-every-steps", "2", "--keep-checkpoints", "3", "--log-every-steps", "1"]
+ARGS = [
+    "--method",
+    "moco",
+    "--model",
+    "test_resnet",
+    "--image-size",
+    "16",
+    "--eval-resize",
+    "16",
+    "--num-workers",
+    "0",
+    "--batch-size",
+    "8",
+    "--queue-size",
+    "16",
+    "--lr",
+    "0.05",
+    "--seed",
+    "1",
+    "--save-every-steps",
+    "2",
+    "--keep-checkpoints",
+    "3",
+    "--log-every-steps",
+    "1",
+]
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def train(data, run_dir, *extra, env=None):
-    return run_cli([PYTHON, "train.py", "--data", str(data), "--output-dir", str(run_dir), *ARGS, *extra],
-                   env={**ENV, **(env or {})})
+    return run_cli(
+        [PYTHON, "train.py", "--data", str(data), "--output-dir", str(run_dir), *ARGS, *extra],
+        env={**ENV, **(env or {})},
+    )
 
 
 def error_line(p) -> str:
@@ -69,8 +95,9 @@ def test_changed_lr_is_refused_then_applied_and_recorded_with_an_override(run):
     assert "max_steps 4 -> 6" in msg and "lr 0.05 -> 0.02" in msg and "--resume-override lr,max_steps" in msg
     assert snapshot(run_dir) == before  # nothing written, nothing lost
 
-    p = train(data, run_dir, "--resume", "latest", "--lr", "0.02", "--max-steps", "6",
-              "--resume-override", "lr,max_steps")
+    p = train(
+        data, run_dir, "--resume", "latest", "--lr", "0.02", "--max-steps", "6", "--resume-override", "lr,max_steps"
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     override = [r for r in rows if "resume_override" in r]
@@ -81,17 +108,20 @@ def test_changed_lr_is_refused_then_applied_and_recorded_with_an_override(run):
         assert lrs[step] == pytest.approx(0.02 * cosine_lr(step, 6, 0)), (step, lrs)
     ckpt = list_checkpoints(run_dir)[-1]
     assert ckpt.name == "step_00000006"
-    for cfg in (yaml.safe_load((run_dir / "config.yaml").read_text()),
-                yaml.safe_load((ckpt / "config.yaml").read_text()),
-                json.loads((run_dir / "config.json").read_text())["scan_zoo"]["config"]):
+    for cfg in (
+        yaml.safe_load((run_dir / "config.yaml").read_text()),
+        yaml.safe_load((ckpt / "config.yaml").read_text()),
+        json.loads((run_dir / "config.json").read_text())["scan_zoo"]["config"],
+    ):
         assert cfg["lr"] == 0.02 and cfg["max_steps"] == 6
     # the new values are the run's identity from now on: resuming with them needs no override
     p = train(data, run_dir, "--resume", "latest", "--lr", "0.02", "--max-steps", "6", "--num-workers", "1")
     assert p.returncode == 0, p.stderr[-3000:]
 
 
-@pytest.mark.parametrize("change", [["--method", "supcon"], ["--queue-size", "32"],
-                                    ["--proj-dim", "64", "--resume-override", "proj_dim"]])
+@pytest.mark.parametrize(
+    "change", [["--method", "supcon"], ["--queue-size", "32"], ["--proj-dim", "64", "--resume-override", "proj_dim"]]
+)
 def test_another_kind_of_run_is_refused_even_with_an_override(run, change):
     data, run_dir = run
     before = snapshot(run_dir)
@@ -121,8 +151,16 @@ def test_resume_from_further_back_moves_the_newer_checkpoints_aside(run):
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that is gone: its lock file is stale
     (run_dir / "run.lock").write_text(f"{dead.pid} {socket.gethostname()}\n")
-    p = train(data, run_dir, "--resume", str(run_dir / "checkpoints" / "step_00000002"), "--max-steps", "4",
-              "--stop-after-steps", "3")
+    p = train(
+        data,
+        run_dir,
+        "--resume",
+        str(run_dir / "checkpoints" / "step_00000002"),
+        "--max-steps",
+        "4",
+        "--stop-after-steps",
+        "3",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "taking over the stale lock" in p.stderr and str(dead.pid) in p.stderr
     assert "abandoned_checkpoints" in p.stderr
@@ -150,8 +188,15 @@ def test_a_second_run_in_the_same_directory_fails_at_once(base_run, tmp_path):
     run_dir = tmp_path / "run"
     marker = run_dir / ".paused_step_1.0"
     cmd = [PYTHON, "train.py", "--data", str(data), "--output-dir", str(run_dir), *ARGS, "--max-steps", "2"]
-    first = subprocess.Popen(paused(cmd, "step:1"), cwd=ROOT, env={**os.environ, **ENV},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        paused(cmd, "step:1"),
+        cwd=ROOT,
+        env={**os.environ, **ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():
@@ -179,8 +224,9 @@ def test_output_dir_that_is_a_file_is_one_line(base_run, tmp_path):
     assert f.read_text() == "keep me"
 
 
-def test_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_survives(base_run, tmp_path, capsys,
-                                                                                     monkeypatch):
+def test_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_survives(
+    base_run, tmp_path, capsys, monkeypatch
+):
     """In-process (a full disk cannot be made here): the second checkpoint's write fails with ENOSPC."""
     from accelerate import Accelerator
 

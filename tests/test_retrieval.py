@@ -1,4 +1,5 @@
 """The retrieval figure: retrieve() against a naive loop, query choice, and the PNG/JSON it writes."""
+
 import argparse
 import json
 from collections import Counter
@@ -26,7 +27,7 @@ def naive_topk(queries, gallery, k, exclude=None):
             scored.append((dot / norm, gi))
         scored.sort(key=lambda t: -t[0])
         sims = [s for s, _ in scored]
-        assert len(set(round(s, 6) for s in sims[:k + 1])) == len(sims[:k + 1]), "test data has ties"
+        assert len(set(round(s, 6) for s in sims[: k + 1])) == len(sims[: k + 1]), "test data has ties"
         out.append(scored[:k])
     return out
 
@@ -109,16 +110,24 @@ def test_run_retrieval_writes_figure_and_json(tmp_path, two_models):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=10, size=16, val_per_class=4)
     out = tmp_path / "figs" / "grid.png"
     queries, k = 5, 3
-    result = R.run_retrieval([str(m) for m in models], data=str(data), queries=queries, k=k, out=out, seed=0,
-                             num_workers=0, progress=False)
+    result = R.run_retrieval(
+        [str(m) for m in models], data=str(data), queries=queries, k=k, out=out, seed=0, num_workers=0, progress=False
+    )
     assert out.is_file() and out.stat().st_size > 0
     assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(result))
 
     # size: query column + one group of k framed images per model; header, rows with captions, legend
     cell = RF.TILE + 2 * RF.FRAME
     width = 2 * RF.MARGIN + cell + 2 * (RF.GROUP_GAP + k * cell + (k - 1) * RF.GAP)
-    height = (2 * RF.MARGIN + RF.HEADER_LINES * RF.LINE + RF.ROW_GAP + queries * (cell + RF.LINE)
-              + (queries - 1) * RF.ROW_GAP + RF.ROW_GAP + RF.LEGEND_LINES * RF.LINE)
+    height = (
+        2 * RF.MARGIN
+        + RF.HEADER_LINES * RF.LINE
+        + RF.ROW_GAP
+        + queries * (cell + RF.LINE)
+        + (queries - 1) * RF.ROW_GAP
+        + RF.ROW_GAP
+        + RF.LEGEND_LINES * RF.LINE
+    )
     img = Image.open(out).convert("RGB")
     assert img.size == (width, height) == tuple(result["image_size"])
 
@@ -139,7 +148,13 @@ def test_run_retrieval_writes_figure_and_json(tmp_path, two_models):
                 assert n["same_class"] == (n["label"] == q_labels[row])
                 same += n["same_class"]
                 x0, y0, x1, y1 = n["box"]
-                expect_x = RF.MARGIN + cell + RF.GROUP_GAP + m * (RF.GROUP_GAP + k * cell + (k - 1) * RF.GAP) + r * (cell + RF.GAP)
+                expect_x = (
+                    RF.MARGIN
+                    + cell
+                    + RF.GROUP_GAP
+                    + m * (RF.GROUP_GAP + k * cell + (k - 1) * RF.GAP)
+                    + r * (cell + RF.GAP)
+                )
                 expect_y = RF.MARGIN + RF.HEADER_LINES * RF.LINE + RF.ROW_GAP + row * (cell + RF.LINE + RF.ROW_GAP)
                 assert (x0, y0, x1, y1) == (expect_x, expect_y, expect_x + cell, expect_y + cell)
                 colour = RF.GREEN if n["same_class"] else RF.RED
@@ -167,8 +182,25 @@ def test_cli_parser_runs(tmp_path, two_models, capsys):
     parser = argparse.ArgumentParser()
     R.add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "r.png"
-    args = parser.parse_args(["retrieve", "--models", str(models[1]), "--queries", "2", "--k", "2", "--data",
-                              str(data), "--out", str(out), "--num-workers", "0", "--names", "random"])
+    args = parser.parse_args(
+        [
+            "retrieve",
+            "--models",
+            str(models[1]),
+            "--queries",
+            "2",
+            "--k",
+            "2",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+            "--names",
+            "random",
+        ]
+    )
     assert args.func(args) == 0
     assert str(out) in capsys.readouterr().out
     assert Image.open(out).size == RF.Layout(2, 1, 2).size
@@ -183,10 +215,30 @@ def test_default_output_goes_under_runs_not_the_current_directory(tmp_path, two_
     monkeypatch.chdir(work)
     parser = argparse.ArgumentParser()
     R.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["retrieve", "--models", str(models[1]), str(models[0]), "--queries", "2", "--k", "2",
-                              "--data", str(data), "--num-workers", "0", "--names", "a/../b", "plain"])
+    args = parser.parse_args(
+        [
+            "retrieve",
+            "--models",
+            str(models[1]),
+            str(models[0]),
+            "--queries",
+            "2",
+            "--k",
+            "2",
+            "--data",
+            str(data),
+            "--num-workers",
+            "0",
+            "--names",
+            "a/../b",
+            "plain",
+        ]
+    )
     assert args.func(args) == 0
     written = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
     assert written == ["runs/retrieval/a_.._b+plain/retrieval.json", "runs/retrieval/a_.._b+plain/retrieval.png"]
     assert "runs/retrieval/a_.._b+plain/retrieval.png" in capsys.readouterr().out
-    assert R.default_out(["x" * 300]).parent.name.startswith("x" * 80) and len(R.default_out(["x" * 300]).parent.name) < 100
+    assert (
+        R.default_out(["x" * 300]).parent.name.startswith("x" * 80)
+        and len(R.default_out(["x" * 300]).parent.name) < 100
+    )

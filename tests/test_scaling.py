@@ -1,4 +1,5 @@
 """The linear lr scaling rule of docs/cluster.md, against hand computation and the paper's stated setting."""
+
 import math
 from pathlib import Path
 
@@ -25,12 +26,15 @@ def test_recipe_file_states_the_paper_setting():
     assert scale_lr(cfg.lr, global_batch(cfg.batch_size, processes), 32 * 384) == cfg.lr
 
 
-@pytest.mark.parametrize("processes, per_process, want", [
-    (8, 384, 0.4),     # one node of 8: 3,072 images = 12,288 / 4 -> 1.6 / 4
-    (64, 384, 3.2),    # 8 nodes: twice the paper's batch
-    (32, 192, 0.8),    # 64 anchors per GPU instead of 128
-    (1, 384, 0.05),    # one process: 384 / 12,288 = 1 / 32
-])
+@pytest.mark.parametrize(
+    "processes, per_process, want",
+    [
+        (8, 384, 0.4),  # one node of 8: 3,072 images = 12,288 / 4 -> 1.6 / 4
+        (64, 384, 3.2),  # 8 nodes: twice the paper's batch
+        (32, 192, 0.8),  # 64 anchors per GPU instead of 128
+        (1, 384, 0.05),  # one process: 384 / 12,288 = 1 / 32
+    ],
+)
 def test_hand_computed_scan(processes, per_process, want):
     assert math.isclose(scale_lr(1.6, global_batch(per_process, processes), 12288), want, rel_tol=1e-12)
 
@@ -40,8 +44,9 @@ def test_moco_v2_reference():
     assert math.isclose(scale_lr(0.03, global_batch(32, 32), 256), 0.12, rel_tol=1e-12)
 
 
-@pytest.mark.parametrize("args", [(0.0, 1, 1), (-1.0, 1, 1), (float("nan"), 1, 1), (float("inf"), 1, 1),
-                                  (0.1, 0, 1), (0.1, 1, 0)])
+@pytest.mark.parametrize(
+    "args", [(0.0, 1, 1), (-1.0, 1, 1), (float("nan"), 1, 1), (float("inf"), 1, 1), (0.1, 0, 1), (0.1, 1, 0)]
+)
 def test_bad_arguments(args):
     with pytest.raises(ValueError):
         scale_lr(*args)

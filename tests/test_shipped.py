@@ -1,4 +1,5 @@
 """The weights shipped inside the package: present, verified, documented, loadable offline and via torch.hub."""
+
 import json
 import shutil
 
@@ -30,11 +31,13 @@ def test_shipped_entry_is_complete_and_recorded(entry):
     assert "Van Gansbeke" in card and entry.name in card and entry.facts["sha256"] in card
     assert f"{cached['top1']:.2f}" in card  # the card's numbers are the evaluation's
     assert f"val: {cached['protocol']['eval_transform']}" in card  # with the transform they were measured on
-    default = probe.resolve_config(probe.ProbeConfig(), {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3},
-                                   "digits")
-    assert cached["protocol"]["eval_transform"] == probe.protocol_settings(default)["eval_transform"], \
-        "shipped results were measured with another validation transform than eval_linear.py's default: " \
+    default = probe.resolve_config(
+        probe.ProbeConfig(), {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3}, "digits"
+    )
+    assert cached["protocol"]["eval_transform"] == probe.protocol_settings(default)["eval_transform"], (
+        "shipped results were measured with another validation transform than eval_linear.py's default: "
         "re-evaluate with `scan-zoo build-digits`"
+    )
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == entry.arch and config["scan_zoo"]["sha256"] == entry.facts["sha256"]
     linear, knn = headline(results)
@@ -133,7 +136,9 @@ def test_timm_transform_of_a_shipped_entry_is_the_one_its_numbers_were_measured_
     from scan_zoo.data import datasets as data_lib
 
     protocol = json.loads((entry.weights_dir / "eval_results.json").read_text())["cached"]["protocol"]
-    resize, crop = map(int, re.fullmatch(r"Resize\((\d+)\) \+ CenterCrop\((\d+)\)", protocol["eval_transform"]).groups())
+    resize, crop = map(
+        int, re.fullmatch(r"Resize\((\d+)\) \+ CenterCrop\((\d+)\)", protocol["eval_transform"]).groups()
+    )
     model = timm.create_model(entry.name, pretrained=False)
     tf = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     measured = data_lib.eval_transform(crop, resize, entry.preprocess.mean, entry.preprocess.std)

@@ -4,6 +4,7 @@ counters and data position agree with each other and with the data the sampler h
 
 Slow (about 1.5 minutes on two busy CPU cores): ``pytest -m slow tests/test_soak.py``.
 """
+
 import json
 import os
 import signal
@@ -97,18 +98,68 @@ def pick_broken(targets) -> int:
 
 
 def launch(script: Path, data: Path, run: Path, env: dict, *extra) -> subprocess.Popen:
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(script), "--method", "supcon", "--model", "test_resnet", "--data", str(data),
-           "--output-dir", str(run), "--image-size", "16", "--eval-resize", "16", "--num-workers", "0",
-           "--batch-size", str(BATCH), "--queue-size", str(QUEUE), "--epochs", str(EPOCHS), "--lr", "0.05",
-           "--seed", "3", "--save-every-steps", str(SAVE_EVERY), "--save-every-epochs", "100",
-           "--keep-checkpoints", "2", "--log-every-steps", "1", "--skip-nonfinite", "1", "--deterministic", "true",
-           *extra]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(WORLD),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        "--method",
+        "supcon",
+        "--model",
+        "test_resnet",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(run),
+        "--image-size",
+        "16",
+        "--eval-resize",
+        "16",
+        "--num-workers",
+        "0",
+        "--batch-size",
+        str(BATCH),
+        "--queue-size",
+        str(QUEUE),
+        "--epochs",
+        str(EPOCHS),
+        "--lr",
+        "0.05",
+        "--seed",
+        "3",
+        "--save-every-steps",
+        str(SAVE_EVERY),
+        "--save-every-epochs",
+        "100",
+        "--keep-checkpoints",
+        "2",
+        "--log-every-steps",
+        "1",
+        "--skip-nonfinite",
+        "1",
+        "--deterministic",
+        "true",
+        *extra,
+    ]
     with open(run.parent / f"{run.name}.log", "a") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-                                     "SOAK_NAN_STEPS": str(NAN_AT), **env})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "SOAK_NAN_STEPS": str(NAN_AT), **env},
+        )
     LAUNCHED.append(proc)
     return proc
 
@@ -203,8 +254,9 @@ def test_soak_two_processes_broken_image_nan_and_sigkill(tmp_path):
     # every step logged once (the NaN step as a skip naming both processes' terms); each skip of the image once
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     overrides = [r for r in rows if "resume_override" in r]  # the resume's record of the data change
-    assert [(r["step"], list(r["resume_override"])) for r in overrides] == [(KILL_AT // SAVE_EVERY * SAVE_EVERY,
-                                                                             ["data"])], overrides
+    assert [(r["step"], list(r["resume_override"])) for r in overrides] == [
+        (KILL_AT // SAVE_EVERY * SAVE_EVERY, ["data"])
+    ], overrides
     rows = [r for r in rows if "resume_override" not in r]
     assert [r["step"] for r in rows] == list(range(1, TOTAL + 1))
     nan_row = rows[NAN_AT - 1]

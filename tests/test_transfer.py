@@ -1,5 +1,6 @@
 """The transfer suite (scan_zoo.eval.transfer) and its benchmark (scan_zoo.experiments.bench): metrics against hand-computed
 cases, the features_only weights, the suite on a random backbone, the bench end to end, the README text."""
+
 import argparse
 import json
 import math
@@ -69,7 +70,7 @@ def test_ridge_matches_sklearn():
     g = np.random.default_rng(1)
     x, y = g.normal(size=(40, 6)) * [1, 2, 3, 1, 1, 5] + 3, g.normal(size=(40, 2))
     for lam in (1e-3, 1.0, 30.0):
-        (w, b), = M.ridge_fit(torch.tensor(x), torch.tensor(y), [lam])
+        ((w, b),) = M.ridge_fit(torch.tensor(x), torch.tensor(y), [lam])
         ref = Ridge(alpha=lam).fit(x, y)
         assert w.T.numpy() == pytest.approx(ref.coef_, abs=1e-8)
         assert b.numpy() == pytest.approx(ref.intercept_, abs=1e-8)
@@ -200,8 +201,22 @@ def test_k_ablation_budget_keeps_steps_equal():
 
 def test_bench_transfer_quick_end_to_end(digits_root, tmp_path, capsys):
     out = tmp_path / "bench"
-    argv = ["bench", "transfer", "--methods", "moco", "scan", "--seeds", "0", "--quick", "--out", str(out),
-            "--data-cache", str(digits_root), "--num-workers", "0"]
+    argv = [
+        "bench",
+        "transfer",
+        "--methods",
+        "moco",
+        "scan",
+        "--seeds",
+        "0",
+        "--quick",
+        "--out",
+        str(out),
+        "--data-cache",
+        str(digits_root),
+        "--num-workers",
+        "0",
+    ]
     args = _bench_parser().parse_args(argv)
     assert args.func(args) == 0
     printed = capsys.readouterr().out
@@ -218,7 +233,11 @@ def test_bench_transfer_quick_end_to_end(digits_root, tmp_path, capsys):
     png = out / "transfer.png"
     assert png.stat().st_size > 0
     with Image.open(png) as im:
-        assert im.size[0] > 200 and im.size[1] > 200 and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 3
+        assert (
+            im.size[0] > 200
+            and im.size[1] > 200
+            and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 3
+        )
     # resumable: nothing is trained or scored again
     assert args.func(args) == 0
     again = json.loads((out / "results.json").read_text())
@@ -229,15 +248,46 @@ def test_bench_transfer_quick_end_to_end(digits_root, tmp_path, capsys):
 def test_bench_transfer_merge_adds_dsc_without_retraining_the_others(digits_root, tmp_path, capsys):
     """--merge: a finished results.json keeps its other methods as recorded; only DSC is trained and scored."""
     tcfg = T.TransferConfig.quick(num_workers=0, cache_dir="/gone/feature_cache")
-    old = {"kind": "transfer", "date": "2026-01-01T00:00:00+00:00", "command": "scan-zoo bench transfer --quick",
-           "quick": True, "methods": ["moco"], "seeds": [0], "transfer_settings": tcfg.to_dict(),
-           "recipes": {"moco": {"path": "scan_zoo/recipes/digits_moco.yaml"}}, "total_seconds": 1.0,
-           "runs": [{"method": "moco", "seed": 0, "run_dir": "/gone/seed0/moco", "steps": 3, "trained_now": True,
-                     "scores": {key: 50.0 for key, _, _ in T.TASKS}}]}
+    old = {
+        "kind": "transfer",
+        "date": "2026-01-01T00:00:00+00:00",
+        "command": "scan-zoo bench transfer --quick",
+        "quick": True,
+        "methods": ["moco"],
+        "seeds": [0],
+        "transfer_settings": tcfg.to_dict(),
+        "recipes": {"moco": {"path": "scan_zoo/recipes/digits_moco.yaml"}},
+        "total_seconds": 1.0,
+        "runs": [
+            {
+                "method": "moco",
+                "seed": 0,
+                "run_dir": "/gone/seed0/moco",
+                "steps": 3,
+                "trained_now": True,
+                "scores": {key: 50.0 for key, _, _ in T.TASKS},
+            }
+        ],
+    }
     base = tmp_path / "old.json"
     base.write_text(json.dumps(old))
-    argv = ["bench", "transfer", "--methods", "dsc", "--seeds", "0", "--quick", "--out", str(tmp_path / "b"),
-            "--data-cache", str(digits_root), "--num-workers", "0", "--merge", str(base)]
+    argv = [
+        "bench",
+        "transfer",
+        "--methods",
+        "dsc",
+        "--seeds",
+        "0",
+        "--quick",
+        "--out",
+        str(tmp_path / "b"),
+        "--data-cache",
+        str(digits_root),
+        "--num-workers",
+        "0",
+        "--merge",
+        str(base),
+    ]
     for bad, needle in ((["--seeds", "1"], "seeds"), (["--methods", "moco"], "nothing to keep")):
         args = _bench_parser().parse_args(argv + bad)
         with pytest.raises(UserError, match=needle):
@@ -260,15 +310,25 @@ def test_bench_transfer_merge_adds_dsc_without_retraining_the_others(digits_root
 # ---------------------------------------------------------------------------------------------- README
 def _hand_results(scan_semantic: float) -> dict:
     """A results.json with 2 seeds where SCAN wins segmentation and, unless told, loses everything else."""
-    base = {"supervised": [97.0, 96.0, 60.0, 80.0], "moco": [90.0, 70.0, 70.0, 85.0],
-            "scan": [scan_semantic, 65.0, 68.0, 90.0]}
+    base = {
+        "supervised": [97.0, 96.0, 60.0, 80.0],
+        "moco": [90.0, 70.0, 70.0, 85.0],
+        "scan": [scan_semantic, 65.0, 68.0, 90.0],
+    }
     runs = []
     for m, vals in base.items():
         for seed, delta in ((0, -0.5), (1, 0.5)):
-            runs.append({"method": m, "seed": seed,
-                         "scores": {key: v + delta for (key, _, _), v in zip(T.TASKS, vals)}})
-    return {"methods": ["supervised", "moco", "scan"], "seeds": [0, 1], "runs": runs, "quick": False,
-            "command": "scan-zoo bench transfer", "recipes": {}}
+            runs.append(
+                {"method": m, "seed": seed, "scores": {key: v + delta for (key, _, _), v in zip(T.TASKS, vals)}}
+            )
+    return {
+        "methods": ["supervised", "moco", "scan"],
+        "seeds": [0, 1],
+        "runs": runs,
+        "quick": False,
+        "command": "scan-zoo bench transfer",
+        "recipes": {},
+    }
 
 
 def test_readme_section_says_when_scan_does_not_beat_the_baselines():
@@ -288,23 +348,36 @@ def test_readme_section_flags_dsc_vs_moco_differences_within_the_spread():
     res = _hand_results(95.0)
     # DSC vs MoCo (90, 70, 70, 85) with std 0.71: clearly above, clearly below, 0.5 above, 0.5 below
     for seed, delta in ((0, -0.5), (1, 0.5)):
-        res["runs"].append({"method": "dsc", "seed": seed, "scores": {
-            key: v + delta for (key, _, _), v in zip(T.TASKS, [93.0, 60.0, 70.5, 84.5])}})
+        res["runs"].append(
+            {
+                "method": "dsc",
+                "seed": seed,
+                "scores": {key: v + delta for (key, _, _), v in zip(T.TASKS, [93.0, 60.0, 70.5, 84.5])},
+            }
+        )
     res["methods"].append("dsc")
     lines = {ln.split(",")[0]: ln for ln in P.readme_results_section(res).splitlines() if "DSC (" in ln}
     assert lines["- On semantic"] == "- On semantic, DSC (93.00) beats MoCo-v2 (90.00)."
     assert lines["- On appearance"] == "- On appearance, DSC (60.00) does not beat MoCo-v2 (70.00)."
-    assert lines["- On localisation"].endswith("beats MoCo-v2 (70.00) (within one standard deviation: not a clear "
-                                               "difference).")
-    assert lines["- On segmentation"].endswith("does not beat MoCo-v2 (85.00) (within one standard deviation: not a "
-                                               "clear difference).")
+    assert lines["- On localisation"].endswith(
+        "beats MoCo-v2 (70.00) (within one standard deviation: not a clear difference)."
+    )
+    assert lines["- On segmentation"].endswith(
+        "does not beat MoCo-v2 (85.00) (within one standard deviation: not a clear difference)."
+    )
 
 
 def test_readme_section_with_k_ablation_and_charts_draw(tmp_path):
-    ka = {"seed": 0, "quick": False, "budget": {"steps": 685, "images_per_step": 126},
-          "moco": {"scores": {key: 50.0 for key, _, _ in T.TASKS}},
-          "runs": [{"k": k, "scores": {key: 50.0 + i + j for j, (key, _, _) in enumerate(T.TASKS)}}
-                   for i, k in enumerate(["0", "2", "all"])]}
+    ka = {
+        "seed": 0,
+        "quick": False,
+        "budget": {"steps": 685, "images_per_step": 126},
+        "moco": {"scores": {key: 50.0 for key, _, _ in T.TASKS}},
+        "runs": [
+            {"k": k, "scores": {key: 50.0 + i + j for j, (key, _, _) in enumerate(T.TASKS)}}
+            for i, k in enumerate(["0", "2", "all"])
+        ],
+    }
     ka["best_k"] = {key: "all" for key, _, _ in T.TASKS}
     text = P.readme_results_section(_hand_results(95.0), ka)
     assert "### SCAN's K ablation" in text and "| all | **52.00** |" in text and "| MoCo (start) |" in text

@@ -5,6 +5,7 @@ Weights (zero-byte, truncated, random bytes, integer tensors), ``config.json`` t
 impossible K, and a ViT at an image size it cannot take. Commands run in-process through their ``main``
 (fast) for every case, and as subprocesses for one case each, so the exit status and stderr are the real ones.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -62,8 +63,9 @@ def good_model(tmp_path_factory):
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("good") / "model"
-    export_backbone(create_backbone("test_resnet"), out, data_config_for(16, 16, (0.5,) * 3, (0.5,) * 3),
-                    {"method": "scan"})
+    export_backbone(
+        create_backbone("test_resnet"), out, data_config_for(16, 16, (0.5,) * 3, (0.5,) * 3), {"method": "scan"}
+    )
     return out
 
 
@@ -95,8 +97,10 @@ def bad_weights(request, good_model, tmp_path):
 @pytest.fixture(params=["list", "not-json"])
 def bad_config(request, good_model, tmp_path):
     """A copy of the good export whose config.json is not a JSON object."""
-    text, needle = {"list": ('["test_resnet"]', "JSON list, not an object"),
-                    "not-json": ('{"architecture": "test_resnet",', "not valid JSON")}[request.param]
+    text, needle = {
+        "list": ('["test_resnet"]', "JSON list, not an object"),
+        "not-json": ('{"architecture": "test_resnet",', "not valid JSON"),
+    }[request.param]
     folder = tmp_path / f"cfg_{request.param}"
     shutil.copytree(good_model, folder)
     (folder / "config.json").write_text(text)
@@ -107,13 +111,32 @@ def _model_commands(folder, data, out):
     """Every command that reads a model folder: (prog, main, argv)."""
     common = ["--data", str(data), "--image-size", "16", "--num-workers", "0"]
     return [
-        ("eval_linear.py", _eval_linear_main, [str(folder), *common, "--no-progress", "--epochs", "1",
-                                               "--out", str(out / "eval.json"), "--cache-dir", str(out / "cache")]),
+        (
+            "eval_linear.py",
+            _eval_linear_main,
+            [
+                str(folder),
+                *common,
+                "--no-progress",
+                "--epochs",
+                "1",
+                "--out",
+                str(out / "eval.json"),
+                "--cache-dir",
+                str(out / "cache"),
+            ],
+        ),
         ("scan-zoo", scan_zoo_main, ["mine", "--model", str(folder), *common, "--out", str(out / "nb.safetensors")]),
-        ("scan-zoo", scan_zoo_main, ["mine", "--model", f"local-dir:{folder}", *common,
-                                     "--out", str(out / "nb.safetensors")]),
-        ("scan-zoo", scan_zoo_main, ["export", str(folder), "--name", "test_resnet.scan_digits",
-                                     "--out", str(out / "export")]),
+        (
+            "scan-zoo",
+            scan_zoo_main,
+            ["mine", "--model", f"local-dir:{folder}", *common, "--out", str(out / "nb.safetensors")],
+        ),
+        (
+            "scan-zoo",
+            scan_zoo_main,
+            ["export", str(folder), "--name", "test_resnet.scan_digits", "--out", str(out / "export")],
+        ),
     ]
 
 
@@ -122,9 +145,22 @@ def test_hostile_weights_are_one_line_in_every_command(bad_weights, data, tmp_pa
     out = tmp_path / "out"
     commands = _model_commands(folder, data, out)
     if "int64" not in folder.name:  # converters check dtypes against a model: the int64 .pth case below
-        commands += [("scan-zoo", scan_zoo_main, ["convert", "detectron2", str(folder), "--out", str(out / "d2.pkl")]),
-                     ("scan-zoo", scan_zoo_main, ["convert", "timm", str(folder / "model.safetensors"),
-                                                  "--arch", "test_resnet", "--out", str(out / "timm")])]
+        commands += [
+            ("scan-zoo", scan_zoo_main, ["convert", "detectron2", str(folder), "--out", str(out / "d2.pkl")]),
+            (
+                "scan-zoo",
+                scan_zoo_main,
+                [
+                    "convert",
+                    "timm",
+                    str(folder / "model.safetensors"),
+                    "--arch",
+                    "test_resnet",
+                    "--out",
+                    str(out / "timm"),
+                ],
+            ),
+        ]
     for prog, main, argv in commands:
         code = main(argv)
         line = one_error_line(code, capsys.readouterr().err, prog, needle)
@@ -146,11 +182,35 @@ def test_corrupt_weights_through_the_real_scripts(good_model, data, tmp_path):
     folder = tmp_path / "bad"
     shutil.copytree(good_model, folder)
     (folder / "model.safetensors").write_bytes(b"")
-    p = run_cli([PYTHON, "eval_linear.py", str(folder), "--data", str(data), "--no-progress",
-                 "--out", str(tmp_path / "eval.json")])
+    p = run_cli(
+        [
+            PYTHON,
+            "eval_linear.py",
+            str(folder),
+            "--data",
+            str(data),
+            "--no-progress",
+            "--out",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     one_error_line(p.returncode, p.stderr, "eval_linear.py", "model.safetensors", "empty")
-    p = run_cli([str(BIN / "scan-zoo"), "mine", "--model", f"local-dir:{folder}", "--data", str(data),
-                 "--out", str(tmp_path / "nb.safetensors"), "--image-size", "16", "--num-workers", "0"])
+    p = run_cli(
+        [
+            str(BIN / "scan-zoo"),
+            "mine",
+            "--model",
+            f"local-dir:{folder}",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "nb.safetensors"),
+            "--image-size",
+            "16",
+            "--num-workers",
+            "0",
+        ]
+    )
     one_error_line(p.returncode, p.stderr, "scan-zoo", "model.safetensors", "empty")
     assert not (tmp_path / "eval.json").exists() and not (tmp_path / "nb.safetensors").exists()
 
@@ -178,6 +238,7 @@ def zip_bomb(tmp_path):
 
 def test_a_pth_that_inflates_is_refused_before_it_is_loaded(zip_bomb, monkeypatch):
     from scan_zoo.common import readers
+
     def never(*a, **k):
         raise AssertionError("torch.load was called on the zip bomb")
 
@@ -187,8 +248,18 @@ def test_a_pth_that_inflates_is_refused_before_it_is_loaded(zip_bomb, monkeypatc
 
 
 def test_a_pth_that_inflates_is_one_line_in_convert(zip_bomb, tmp_path):
-    p = run_cli([str(BIN / "scan-zoo"), "convert", "timm", str(zip_bomb), "--arch", "test_resnet",
-                 "--out", str(tmp_path / "out")])
+    p = run_cli(
+        [
+            str(BIN / "scan-zoo"),
+            "convert",
+            "timm",
+            str(zip_bomb),
+            "--arch",
+            "test_resnet",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     one_error_line(p.returncode, p.stderr, "scan-zoo", "bomb.pth", "inflate")
     assert not (tmp_path / "out").exists()
 
@@ -211,8 +282,12 @@ def test_hostile_pth_is_one_line_in_convert(kind, tmp_path, capsys):
     elif kind == "random":
         path.write_bytes(bytes(range(256)) * 64)
     code = scan_zoo_main(["convert", "timm", str(path), "--arch", "test_resnet", "--out", str(tmp_path / "out")])
-    needles = {"zero-byte": ["ckpt.pth.tar", "empty (0 bytes)"], "int64": ["not floating point", "conv1.0.weight", "ckpt.pth.tar"],
-               "truncated": ["ckpt.pth.tar"], "random": ["ckpt.pth.tar"]}[kind]
+    needles = {
+        "zero-byte": ["ckpt.pth.tar", "empty (0 bytes)"],
+        "int64": ["not floating point", "conv1.0.weight", "ckpt.pth.tar"],
+        "truncated": ["ckpt.pth.tar"],
+        "random": ["ckpt.pth.tar"],
+    }[kind]
     one_error_line(code, capsys.readouterr().err, "scan-zoo", *needles)
     assert not (tmp_path / "out").exists()
 
@@ -249,8 +324,14 @@ def _hostile_table(kind, table):
     return idx, sims
 
 
-TABLE_NEEDLES = {"out-of-range": "outside 0..47", "negative": "outside 0..47", "cross-class": "of class",
-                 "self": "its own neighbour", "float": "integer", "rows": "47 rows"}
+TABLE_NEEDLES = {
+    "out-of-range": "outside 0..47",
+    "negative": "outside 0..47",
+    "cross-class": "of class",
+    "self": "its own neighbour",
+    "float": "integer",
+    "rows": "47 rows",
+}
 
 
 @pytest.mark.parametrize("kind", sorted(TABLE_NEEDLES))
@@ -278,9 +359,28 @@ def test_train_refuses_a_hostile_table_before_training(kind, table, data, tmp_pa
     idx, sims = _hostile_table(kind, table)
     path = save_neighbors(tmp_path / "nb.safetensors", idx, sims, table[2])
     run = tmp_path / "run"
-    code = _train_main(["--method", "scan", "--init-from", "none", "--neighbors", str(path), "--data", str(data),
-                        "--k", "2", "--image-size", "16", "--max-steps", "1", "--num-workers", "0",
-                        "--output-dir", str(run)])
+    code = _train_main(
+        [
+            "--method",
+            "scan",
+            "--init-from",
+            "none",
+            "--neighbors",
+            str(path),
+            "--data",
+            str(data),
+            "--k",
+            "2",
+            "--image-size",
+            "16",
+            "--max-steps",
+            "1",
+            "--num-workers",
+            "0",
+            "--output-dir",
+            str(run),
+        ]
+    )
     one_error_line(code, capsys.readouterr().err, "train.py", TABLE_NEEDLES[kind], "nb.safetensors")
     assert not (run / "checkpoints").exists() and not (run / "model.safetensors").exists()
 
@@ -288,15 +388,41 @@ def test_train_refuses_a_hostile_table_before_training(kind, table, data, tmp_pa
 # ------------------------------------------------------------------------------------------------- K
 @pytest.mark.parametrize("k, needle", [(-1, "must be >= 0"), (16, "largest class"), (100, "largest class")])
 def test_mine_refuses_an_impossible_k(k, needle, good_model, data, tmp_path, capsys):
-    code = scan_zoo_main(["mine", "--model", str(good_model), "--data", str(data), "--out",
-                          str(tmp_path / "nb.safetensors"), "--k", str(k), "--image-size", "16", "--num-workers", "0"])
+    code = scan_zoo_main(
+        [
+            "mine",
+            "--model",
+            str(good_model),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "nb.safetensors"),
+            "--k",
+            str(k),
+            "--image-size",
+            "16",
+            "--num-workers",
+            "0",
+        ]
+    )
     one_error_line(code, capsys.readouterr().err, "scan-zoo", needle)
     assert not (tmp_path / "nb.safetensors").exists()
 
 
 def test_mine_k_minus_one_is_refused_before_the_digits_are_rendered(tmp_path, capsys):
-    code = scan_zoo_main(["mine", "--model", "test_resnet", "--k", "-1", "--data-cache", str(tmp_path / "digits"),
-                          "--out", str(tmp_path / "nb.safetensors")])
+    code = scan_zoo_main(
+        [
+            "mine",
+            "--model",
+            "test_resnet",
+            "--k",
+            "-1",
+            "--data-cache",
+            str(tmp_path / "digits"),
+            "--out",
+            str(tmp_path / "nb.safetensors"),
+        ]
+    )
     one_error_line(code, capsys.readouterr().err, "scan-zoo", "--k", "supcon")
     assert not (tmp_path / "digits").exists() and not (tmp_path / "nb.safetensors").exists()
 
@@ -311,20 +437,48 @@ def vit_model(tmp_path_factory):
     )
 
     out = tmp_path_factory.mktemp("vit") / "vit"
-    export_backbone(create_backbone("vit_tiny_patch16_224"), out, data_config_for(224, None, (0.5,) * 3, (0.5,) * 3),
-                    {"method": "moco"})
+    export_backbone(
+        create_backbone("vit_tiny_patch16_224"),
+        out,
+        data_config_for(224, None, (0.5,) * 3, (0.5,) * 3),
+        {"method": "moco"},
+    )
     return out
 
 
 def test_a_vit_at_an_image_size_it_cannot_take_is_one_line(vit_model, data, tmp_path, capsys):
     common = ["--data", str(data), "--image-size", "32", "--num-workers", "0"]
-    code = _eval_linear_main([str(vit_model), *common, "--no-progress", "--out", str(tmp_path / "e.json"),
-                              "--cache-dir", str(tmp_path / "cache")])
+    code = _eval_linear_main(
+        [
+            str(vit_model),
+            *common,
+            "--no-progress",
+            "--out",
+            str(tmp_path / "e.json"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     one_error_line(code, capsys.readouterr().err, "eval_linear.py", "224x224", "32x32")
     code = scan_zoo_main(["mine", "--model", str(vit_model), *common, "--out", str(tmp_path / "nb.safetensors")])
     one_error_line(code, capsys.readouterr().err, "scan-zoo", "224x224", "--image-size 224")
-    code = _train_main(["--method", "moco", "--model", "vit_tiny_patch16_224", *common, "--max-steps", "1",
-                        "--batch-size", "8", "--queue-size", "16", "--output-dir", str(tmp_path / "run")])
+    code = _train_main(
+        [
+            "--method",
+            "moco",
+            "--model",
+            "vit_tiny_patch16_224",
+            *common,
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--queue-size",
+            "16",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     one_error_line(code, capsys.readouterr().err, "train.py", "vit_tiny_patch16_224", "224x224")
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "nb.safetensors").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,4 +1,5 @@
 """The zoo's registry inside timm: tags, explicit preprocessing, recipe-only entries, verified loading, export."""
+
 import json
 import time
 
@@ -94,8 +95,22 @@ def test_loader_hook_is_installed_once():
     assert _builder.load_pretrained is before and getattr(before, "_scan_zoo_hook")
 
 
-@pytest.mark.parametrize("repo_id", ["../etc", "/abs/path", "org/../x", "https://evil/x", "a/b/c", "org", "",
-                                     "org/na me", "file:org/x", "org/x\n", "org/.."])
+@pytest.mark.parametrize(
+    "repo_id",
+    [
+        "../etc",
+        "/abs/path",
+        "org/../x",
+        "https://evil/x",
+        "a/b/c",
+        "org",
+        "",
+        "org/na me",
+        "file:org/x",
+        "org/x\n",
+        "org/..",
+    ],
+)
 def test_path_tricks_in_repo_ids_are_refused(repo_id):
     with pytest.raises(UserError, match="not a Hub repository id"):
         check_repo_id(repo_id)
@@ -123,8 +138,12 @@ def _fake_run(tmp_path, arch="test_resnet", method="scan", seed=0):
     torch.manual_seed(seed)
     model = create_backbone(arch)
     run = tmp_path / f"run_{arch}_{method}_{seed}"
-    export_backbone(model, run, data_config_for(32, 32, registry.IMAGENET_MEAN, registry.IMAGENET_STD),
-                    {"method": method, "steps": 3, "epochs": 1, "num_train_images": 10, "config": {"lr": 0.1}})
+    export_backbone(
+        model,
+        run,
+        data_config_for(32, 32, registry.IMAGENET_MEAN, registry.IMAGENET_STD),
+        {"method": method, "steps": 3, "epochs": 1, "num_train_images": 10, "config": {"lr": 0.1}},
+    )
     return run, model
 
 
@@ -134,7 +153,9 @@ def test_export_writes_weights_config_and_a_card_that_plain_timm_loads(tmp_path,
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == "test_resnet" and cfg["num_classes"] == 0
     assert cfg["pretrained_cfg"]["mean"] == list(registry.IMAGENET_MEAN)
-    assert "scan_zoo" not in cfg["pretrained_cfg"] and cfg["scan_zoo"]["sha256"] == sha256_file(out / "model.safetensors")
+    assert "scan_zoo" not in cfg["pretrained_cfg"] and cfg["scan_zoo"]["sha256"] == sha256_file(
+        out / "model.safetensors"
+    )
     card = (out / "README.md").read_text()
     assert "Supervised Contrastive Adjustment in Neighborhood" in card and "Van Gansbeke" in card
     assert "features_only=True" in card and "@article{wei2020scan" in card
@@ -190,6 +211,7 @@ def test_shipped_weights_load_verified_and_a_tampered_copy_is_refused(tmp_path, 
 def test_a_file_changed_after_a_remembered_check_is_hashed_again(tmp_path, monkeypatch):
     """The per-process memory of checked files: same size, new content -> hashed again and refused."""
     from scan_zoo.zoo import hub
+
     monkeypatch.setattr(hub, "_VERIFIED", {})
     monkeypatch.setattr(hub, "VERIFIED_MIN_AGE_S", 0.05)
     hashed = []
@@ -252,6 +274,7 @@ def test_public_api():
 
 def test_a_small_file_is_read_once_and_its_checked_bytes_are_the_ones_loaded(tmp_path, monkeypatch, lock):
     from scan_zoo.zoo import hub
+
     run, model = _fake_run(tmp_path)
     monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path / "weights")
     monkeypatch.setattr(hub, "_VERIFIED", {})

@@ -1,6 +1,7 @@
 """The zoo's real Hub paths on 127.0.0.1: download at a pinned revision with sha256 checks (olah, a real Hub
 mirror), plain timm `hf-hub:` loading, and `scan-zoo publish` (against HubWriteStandIn, a stand-in for the
 Hub's write endpoints: olah has none)."""
+
 import json
 
 import pytest
@@ -37,9 +38,12 @@ def _export_run(tmp_path, arch, method, name, seed):
 
     torch.manual_seed(seed)
     run = tmp_path / f"run{seed}"
-    export_backbone(create_backbone(arch), run, data_config_for(224, 256, registry.IMAGENET_MEAN,
-                                                                registry.IMAGENET_STD),
-                    {"method": method, "steps": 1, "epochs": 1, "num_train_images": 1})
+    export_backbone(
+        create_backbone(arch),
+        run,
+        data_config_for(224, 256, registry.IMAGENET_MEAN, registry.IMAGENET_STD),
+        {"method": method, "steps": 1, "epochs": 1, "num_train_images": 1},
+    )
     return export(run, name, tmp_path / f"export{seed}")
 
 
@@ -55,8 +59,11 @@ def published_resnet50(tmp_path_factory):
         rev1 = olah.add_model_repo(REPO, {f: first / f for f in files})
         olah.add_model_repo(REPO, {f: second / f for f in files})  # main moves on; the lock stays pinned
         lock = tmp / "zoo_lock.json"
-        registry.record("resnet50.scan_in1k", {"hf_hub_id": REPO, "revision": rev1,
-                                               "sha256": sha256_file(first / "model.safetensors")}, lock)
+        registry.record(
+            "resnet50.scan_in1k",
+            {"hf_hub_id": REPO, "revision": rev1, "sha256": sha256_file(first / "model.safetensors")},
+            lock,
+        )
         yield {"olah": olah, "first": first, "second": second, "lock": lock, "tmp": tmp}
 
 
@@ -68,15 +75,23 @@ def _env(pub, tmp_path, lock=None):
 
 def test_zoo_tag_downloads_the_pinned_revision_bit_identical(published_resnet50, tmp_path):
     pub = published_resnet50
-    got = run_client(LOAD_AND_COMPARE.format(imports="import scan_zoo, timm", name="resnet50.scan_in1k",
-                                             ref=str(pub["first"] / "model.safetensors")), _env(pub, tmp_path))
+    got = run_client(
+        LOAD_AND_COMPARE.format(
+            imports="import scan_zoo, timm", name="resnet50.scan_in1k", ref=str(pub["first"] / "model.safetensors")
+        ),
+        _env(pub, tmp_path),
+    )
     assert got == {"same_keys": True, "identical": True, "num_classes": 0, "scan_zoo_imported": True}
 
 
 def test_plain_timm_hf_hub_name_loads_without_scan_zoo(published_resnet50, tmp_path):
     pub = published_resnet50
-    got = run_client(LOAD_AND_COMPARE.format(imports="import timm", name=f"hf-hub:{REPO}",
-                                             ref=str(pub["second"] / "model.safetensors")), _env(pub, tmp_path))
+    got = run_client(
+        LOAD_AND_COMPARE.format(
+            imports="import timm", name=f"hf-hub:{REPO}", ref=str(pub["second"] / "model.safetensors")
+        ),
+        _env(pub, tmp_path),
+    )
     assert got == {"same_keys": True, "identical": True, "num_classes": 0, "scan_zoo_imported": False}
 
 
@@ -84,8 +99,9 @@ def test_a_download_that_does_not_match_the_recorded_sha256_is_refused(published
     pub = published_resnet50
     lock = tmp_path / "lock.json"
     facts = json.loads(pub["lock"].read_text())["resnet50.scan_in1k"]
-    registry.record("resnet50.scan_in1k", {**facts, "sha256": sha256_file(pub["second"] / "model.safetensors")},
-                    lock)  # the lock expects the second file; the pinned commit serves the first
+    registry.record(
+        "resnet50.scan_in1k", {**facts, "sha256": sha256_file(pub["second"] / "model.safetensors")}, lock
+    )  # the lock expects the second file; the pinned commit serves the first
     code = """
         import json, scan_zoo, timm
         try:
@@ -129,8 +145,18 @@ def test_publish_without_a_token_fails_before_any_request(digits_export, tmp_pat
     with HubWriteStandIn() as hub:
         env = hub.client_env(tmp_path / "hf_home")  # no HF_TOKEN, an empty HF_HOME: no stored login either
         env["SCAN_ZOO_LOCK"] = str(tmp_path / "lock.json")
-        p = run_cli([str(BIN / "scan-zoo"), "publish", str(digits_export), "--repo-id", "scan-zoo/x",
-                     "--endpoint", hub.endpoint], env=env)
+        p = run_cli(
+            [
+                str(BIN / "scan-zoo"),
+                "publish",
+                str(digits_export),
+                "--repo-id",
+                "scan-zoo/x",
+                "--endpoint",
+                hub.endpoint,
+            ],
+            env=env,
+        )
         assert p.returncode == 2 and "no Hugging Face token" in p.stderr, p.stderr
         assert hub.requests == []
     assert not (tmp_path / "lock.json").exists()
@@ -149,15 +175,35 @@ def test_the_token_never_appears_in_output_or_errors(digits_export, tmp_path):
     with HubWriteStandIn(token="hf_the_right_token") as hub:  # our token is refused: 401
         env = hub.client_env(tmp_path / "hf_home")
         env.update(HF_TOKEN=TOKEN, SCAN_ZOO_LOCK=str(tmp_path / "lock.json"))
-        p = run_cli([str(BIN / "scan-zoo"), "publish", str(digits_export), "--repo-id", "scan-zoo/x",
-                     "--endpoint", hub.endpoint], env=env)
+        p = run_cli(
+            [
+                str(BIN / "scan-zoo"),
+                "publish",
+                str(digits_export),
+                "--repo-id",
+                "scan-zoo/x",
+                "--endpoint",
+                hub.endpoint,
+            ],
+            env=env,
+        )
         assert p.returncode == 2 and "failed" in p.stderr, p.stderr
         assert TOKEN not in p.stdout + p.stderr
     with HubWriteStandIn(token=TOKEN) as hub:
         env = hub.client_env(tmp_path / "hf_home2")
         env.update(HF_TOKEN=TOKEN, SCAN_ZOO_LOCK=str(tmp_path / "lock.json"))
-        p = run_cli([str(BIN / "scan-zoo"), "publish", str(digits_export), "--repo-id", "scan-zoo/x",
-                     "--endpoint", hub.endpoint], env=env)
+        p = run_cli(
+            [
+                str(BIN / "scan-zoo"),
+                "publish",
+                str(digits_export),
+                "--repo-id",
+                "scan-zoo/x",
+                "--endpoint",
+                hub.endpoint,
+            ],
+            env=env,
+        )
         assert p.returncode == 0, p.stderr
         assert hub.received_tokens and set(hub.received_tokens) == {TOKEN}
         assert TOKEN not in p.stdout + p.stderr and "published test_resnet.moco_digits" in p.stdout

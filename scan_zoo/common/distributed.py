@@ -7,6 +7,7 @@ A process of a multi-process (or multi-node) run that dies, or stops answering f
 group's timeout (``--dist-timeout``), makes the next collective of every other process fail; :func:`peer_lost`
 recognises that error, which ``train.py`` reports in one line with exit status :data:`PEER_LOST_EXIT`.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,11 @@ PEER_LOST_EXIT = 4
 # A plain RuntimeError counts only when it comes from the communication layer (gloo names its source file, torch's
 # process groups and store name themselves) and says that the other end is gone or silent.
 _COMMS = re.compile(r"gloo|c10d|nccl|ProcessGroup|TCPStore", re.IGNORECASE)
-_PEER_LOST = re.compile(r"connection (closed|reset) by peer|timed out|timeout|broken pipe|connection refused|"
-                        r"failed to recv|remote worker crash", re.IGNORECASE)
+_PEER_LOST = re.compile(
+    r"connection (closed|reset) by peer|timed out|timeout|broken pipe|connection refused|"
+    r"failed to recv|remote worker crash",
+    re.IGNORECASE,
+)
 
 
 def world_size() -> int:
@@ -69,7 +73,7 @@ def shuffle_across(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.T
     x_all = gather_cat(x, sizes)  # [N, ...]
     perm = torch.randperm(len(x_all), generator=generator).to(x.device)  # [N]
     start = sum(sizes[: rank()])
-    return x_all[perm[start:start + len(x)]], torch.argsort(perm), sizes
+    return x_all[perm[start : start + len(x)]], torch.argsort(perm), sizes
 
 
 @torch.no_grad()
@@ -77,7 +81,7 @@ def unshuffle_across(y: torch.Tensor, idx_unshuffle: torch.Tensor, sizes: list[i
     """Undo :func:`shuffle_across` on the outputs: this process's rows, in their original order."""
     y_all = gather_cat(y, sizes)  # [N, ...] in shuffled order
     start = sum(sizes[: rank()])
-    return y_all[idx_unshuffle[start:start + sizes[rank()]]]
+    return y_all[idx_unshuffle[start : start + sizes[rank()]]]
 
 
 def peer_lost(error: BaseException) -> str | None:
@@ -87,7 +91,9 @@ def peer_lost(error: BaseException) -> str | None:
         return None
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else ""
-    if not (isinstance(error, dist.DistError) or (world_size() > 1 and _COMMS.search(text) and _PEER_LOST.search(text))):
+    if not (
+        isinstance(error, dist.DistError) or (world_size() > 1 and _COMMS.search(text) and _PEER_LOST.search(text))
+    ):
         return None
     text = re.sub(r"^\[[^\]]*\.(cc|cpp|hpp|h):\d+\]\s*", "", text)  # the C++ source location of the message
     text = text.split(" This is typically caused", 1)[0]  # gloo's advice after the reason

@@ -1,4 +1,5 @@
 """Files written whole or not at all, and hashed in one way: the helpers every layer shares."""
+
 from __future__ import annotations
 
 import hashlib

@@ -11,6 +11,7 @@ Two things ``accelerate launch`` does that a user of this project should not see
   non-finite loss, 130 after Ctrl-C) is lost. This launcher runs accelerate's launch command in-process
   and exits with the script's status instead, adding nothing to its output.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@
 through :mod:`importlib.resources` so it is right wherever the package is installed. Files outside the
 package (measured results, run directories) are always explicit paths given by the caller.
 """
+
 from __future__ import annotations
 
 from importlib.resources import files

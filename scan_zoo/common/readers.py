@@ -5,13 +5,13 @@ wrong with it (empty, truncated, not the format, the wrong kind of value), never
 ``.pth`` archive is sized from its zip directory before it is unpacked, so a small file that inflates to
 gigabytes is refused without being loaded.
 """
+
 from __future__ import annotations
 
 import json
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -41,7 +41,7 @@ def _readable_file(path: Path, what: str) -> int:
     return size
 
 
-def read_safetensors(path: str | Path, data: Optional[bytes] = None) -> dict:
+def read_safetensors(path: str | Path, data: bytes | None = None) -> dict:
     """The tensors of a safetensors file (or of its bytes ``data``, already read), by name."""
     path = Path(path)
     if data is None:
@@ -51,7 +51,9 @@ def read_safetensors(path: str | Path, data: Optional[bytes] = None) -> dict:
     try:
         return load(data) if data is not None else load_file(str(path))
     except Exception as e:  # noqa: BLE001 - SafetensorError, and OSError / ValueError of odd files
-        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): {_first_line(e)}") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {_first_line(e)}"
+        ) from None
 
 
 def read_safetensors_metadata(path: str | Path) -> dict:
@@ -62,7 +64,9 @@ def read_safetensors_metadata(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): {_first_line(e)}") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {_first_line(e)}"
+        ) from None
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -123,9 +127,11 @@ def check_pth_inflation(path: Path, size: int) -> None:
     total = sum(m.file_size for m in members)
     inflated = sum(m.file_size for m in members if m.compress_type != zipfile.ZIP_STORED)
     if total > PTH_MAX_INFLATION * size or inflated > PTH_MAX_INFLATED_BYTES:
-        raise UserError(f"refusing {path}: its {size:,} bytes would inflate to {total:,} bytes when loaded "
-                        f"(more than {PTH_MAX_INFLATION}x the file, or over {PTH_MAX_INFLATED_BYTES >> 30} GiB "
-                        "compressed); torch.save never writes such an archive")
+        raise UserError(
+            f"refusing {path}: its {size:,} bytes would inflate to {total:,} bytes when loaded "
+            f"(more than {PTH_MAX_INFLATION}x the file, or over {PTH_MAX_INFLATED_BYTES >> 30} GiB "
+            "compressed); torch.save never writes such an archive"
+        )
 
 
 def read_pth(path: str | Path):
@@ -137,7 +143,9 @@ def read_pth(path: str | Path):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"refusing {path}: it holds Python objects other than tensors and plain containers, "
-                        f"which could run code when loaded ({_first_line(e)})") from None
+        raise UserError(
+            f"refusing {path}: it holds Python objects other than tensors and plain containers, "
+            f"which could run code when loaded ({_first_line(e)})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - truncated or foreign files
         raise UserError(f"cannot read {path} as a PyTorch checkpoint: {_first_line(e)}") from None

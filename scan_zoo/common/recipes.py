@@ -4,6 +4,7 @@ Read through :mod:`importlib.resources`, so an installed (non-editable) package 
 named by its file stem (``scan_in1k``); ``--config`` takes such a name or a path to any YAML file.
 ``accelerate_*.yaml`` files beside them are Accelerate launch configs, not training recipes.
 """
+
 from __future__ import annotations
 
 from importlib.resources import files
@@ -35,8 +36,10 @@ def recipe_path(name: str | Path) -> Path:
 
 
 # The pipeline's recipe per stage, chosen by the data: the embedded digit scenes, or an ImageFolder.
-PIPELINE_RECIPES = {"digits": {"moco": "digits_moco", "scan": "digits_scan"},
-                    "folder": {"moco": "moco_v2_in1k", "scan": "scan_in1k"}}
+PIPELINE_RECIPES = {
+    "digits": {"moco": "digits_moco", "scan": "digits_scan"},
+    "folder": {"moco": "moco_v2_in1k", "scan": "scan_in1k"},
+}
 
 
 def reference_processes(path: str | Path) -> int | None:

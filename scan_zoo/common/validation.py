@@ -12,18 +12,20 @@ conversion would change the run: an integer field refuses ``8.9`` and ``true``, 
 NaN and infinity, ``null`` is accepted only where the field is ``Optional``. Every bad field is reported
 at once, in one :class:`~scan_zoo.common.errors.UserError` line naming the field, the value and what is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from scan_zoo.common.errors import UserError
 
-INT64_MAX = 2 ** 63 - 1  # every integer reaches torch or numpy eventually
+INT64_MAX = 2**63 - 1  # every integer reaches torch or numpy eventually
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -47,8 +49,8 @@ FLOAT32_MAX = 3.4028234663852886e38
 class Range(Bound):
     """``lo <= x <= hi`` (``<`` where open); ``None`` leaves that side unbounded."""
 
-    lo: Optional[float] = None
-    hi: Optional[float] = None
+    lo: float | None = None
+    hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
     note: str = ""
@@ -69,7 +71,7 @@ class Range(Bound):
         return "any value"
 
 
-def _num(x: Optional[float]) -> str:
+def _num(x: float | None) -> str:
     if x is None:
         return ""
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
@@ -129,8 +131,8 @@ class Spec:
 
     base: type
     optional: bool
-    bound: Optional[Bound]
-    element: Optional[type] = None
+    bound: Bound | None
+    element: type | None = None
 
     def type_name(self) -> str:
         if self.base is tuple:
@@ -161,7 +163,7 @@ def field_specs(cls) -> dict[str, Spec]:
             tp, *extras = typing.get_args(tp)
             bound = next((e for e in extras if isinstance(e, Bound)), None)
         args = typing.get_args(tp)
-        optional = typing.get_origin(tp) is typing.Union and type(None) in args
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args  # X | None
         if optional:
             (tp,) = [a for a in args if a is not type(None)]
         element = None
@@ -193,7 +195,7 @@ def _scalar(value: Any, tp: type, convert: bool) -> Any:
             raise _Bad
         if isinstance(value, int):
             out = value
-        elif isinstance(value, float) and convert and value.is_integer() and abs(value) < 2 ** 53:
+        elif isinstance(value, float) and convert and value.is_integer() and abs(value) < 2**53:
             out = int(value)  # 8.0 from YAML; 8.9 is refused, never truncated
         elif isinstance(value, str) and convert:
             try:
@@ -203,7 +205,7 @@ def _scalar(value: Any, tp: type, convert: bool) -> Any:
                     f = float(value)
                 except ValueError:
                     raise _Bad from None
-                if not (f.is_integer() and abs(f) < 2 ** 53):
+                if not (f.is_integer() and abs(f) < 2**53):
                     raise _Bad from None
                 out = int(f)
         else:
@@ -257,7 +259,7 @@ def _show(value: Any, spec: Spec) -> str:
     return str(value)
 
 
-def _one(name: str, value: Any, spec: Spec, convert: bool) -> tuple[Any, Optional[str]]:
+def _one(name: str, value: Any, spec: Spec, convert: bool) -> tuple[Any, str | None]:
     """``(typed value, None)``, or ``(None, "NAME expects a int, not 'x'")`` / ``"NAME must be at least 1, not 0"``."""
     shown = _show(value, spec)
     if value is None:

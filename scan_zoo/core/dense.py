@@ -10,6 +10,7 @@
 Every loss goes through :func:`scan_zoo.core.losses.masked_info_nce` where it is an InfoNCE, and every function
 computes in float32 whatever the inputs' dtype. ``tests/test_dsc.py`` checks each against a naive loop.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,9 @@ def dense_correspondence(f_q: torch.Tensor, f_k: torch.Tensor, topk: int = 1) ->
     return sim.topk(topk, dim=2).indices  # [B, N, topk]
 
 
-def dense_info_nce(q: torch.Tensor, k: torch.Tensor, match: torch.Tensor, queue: torch.Tensor,
-                   temperature: float) -> torch.Tensor:
+def dense_info_nce(
+    q: torch.Tensor, k: torch.Tensor, match: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Pixel InfoNCE: each query pixel against its matched key pixels (positives) and a queue (negatives).
 
     For query pixel ``n`` of image ``b`` with positive set ``P = match[b, n]``:
@@ -88,8 +90,9 @@ def kmeans_pp_init(x: torch.Tensor, k: int, generator: torch.Generator) -> torch
     return torch.tensor(chosen)
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator,
-                     init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def spherical_kmeans(
+    x: torch.Tensor, k: int, iters: int, generator: torch.Generator, init: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine k-means with a fixed number of Lloyd iterations.
 
     Start: the rows ``init`` of ``x``, by default :func:`kmeans_pp_init` with ``generator`` (k-means++:
@@ -140,8 +143,9 @@ def sinkhorn(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
     return (q * n).float()
 
 
-def pixel_supcon(anchors: torch.Tensor, keys: torch.Tensor, anchor_labels: torch.Tensor, key_labels: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
+def pixel_supcon(
+    anchors: torch.Tensor, keys: torch.Tensor, anchor_labels: torch.Tensor, key_labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al., L_out) of pixels: positives share a label (a cluster id).
 
     ``L_i = -1/|P(i)| sum_{p in P(i)} log( exp(a_i.k_p / t) / sum_j exp(a_i.k_j / t) )`` over all keys ``j``,

@@ -3,14 +3,20 @@
 One masked InfoNCE serves MoCo, supervised contrastive learning and SCAN: they differ only in which
 logits are positives and which are negatives. Each method builds its masks; this module does the maths.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def masked_info_nce(logits: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor | None = None,
-                    denominator: str = "all", negatives: torch.Tensor | None = None) -> torch.Tensor:
+def masked_info_nce(
+    logits: torch.Tensor,
+    pos_mask: torch.Tensor,
+    neg_mask: torch.Tensor | None = None,
+    denominator: str = "all",
+    negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Multi-positive InfoNCE, averaged over the anchors that have at least one positive.
 
     For anchor i with positive set P(i) and negative set N(i) (entries in neither are ignored):
@@ -78,8 +84,13 @@ def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
     return F.cross_entropy(logits.float(), torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-def contrast_masks(index_q: torch.Tensor, index_k: torch.Tensor, group_q: torch.Tensor | None,
-                   group_k: torch.Tensor | None, in_batch_negatives: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def contrast_masks(
+    index_q: torch.Tensor,
+    index_k: torch.Tensor,
+    group_q: torch.Tensor | None,
+    group_k: torch.Tensor | None,
+    in_batch_negatives: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Positive and negative masks over the batch keys.
 
     Two slots are positives when they are the same image (``index``) or share a group (pseudo-label

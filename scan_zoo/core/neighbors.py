@@ -10,6 +10,7 @@ ImageNet's 1.28M x 2048 features (5.2 GB in float16) are mined without holding t
 Pure: features and labels in, index and similarity tables out. Saving, loading and checking a table is
 :mod:`scan_zoo.data.neighbor_table`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,8 +59,9 @@ def _top_k(gram: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def mine_neighbors(features, labels: torch.Tensor, k: int, chunk: int = 4096,
-                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def mine_neighbors(
+    features, labels: torch.Tensor, k: int, chunk: int = 4096, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class top-K neighbours by cosine similarity.
 
     Args:

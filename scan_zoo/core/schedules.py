@@ -6,6 +6,7 @@ at (``scan_zoo/recipes/scan_in1k.yaml``: 1.6 for 32 processes x 384 images = 12,
 processes or another per-process batch keeps the recipe's behaviour by scaling it. ``--lr`` is the lr used,
 as given: train.py does not rescale it, so a launch on another number of processes passes the scaled value.
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Box IoU with exclusive ends, dataset-level mIoU from one confusion matrix, R^2 p
 ``r2_score``), and closed-form ridge regression with its lambda chosen on held-out rows. The choices are
 described task by task in :mod:`scan_zoo.eval.transfer`.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -35,7 +36,7 @@ def confusion_matrix(pred, target, num_classes: int) -> torch.Tensor:
     p = torch.as_tensor(pred).long().reshape(-1)
     t = torch.as_tensor(target).long().reshape(-1)
     assert p.shape == t.shape, "one prediction per target pixel"
-    return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def mean_iou(pred, target, num_classes: int = 2) -> tuple[float, list[float]]:
@@ -91,8 +92,9 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, lambdas: Sequence[float]) -> lis
     return out
 
 
-def ridge_select(x_fit: torch.Tensor, y_fit: torch.Tensor, x_hold: torch.Tensor, y_hold: torch.Tensor,
-                 alphas: Sequence[float]) -> tuple[float, list[float]]:
+def ridge_select(
+    x_fit: torch.Tensor, y_fit: torch.Tensor, x_hold: torch.Tensor, y_hold: torch.Tensor, alphas: Sequence[float]
+) -> tuple[float, list[float]]:
     """``(best alpha, mean held-out R^2 per alpha)``, lambda = alpha * rows of ``x_fit``."""
     fits = ridge_fit(x_fit, y_fit, [a * len(x_fit) for a in alphas])
     scores = [float(torch.nan_to_num(r2_score(x_hold.double() @ w + b, y_hold), nan=0.0).mean()) for w, b in fits]

@@ -8,6 +8,7 @@ Batches come from :class:`NeighborBatchSampler`: each epoch every training image
 once; each anchor is followed by its K positive neighbours (K = 0 for every method but SCAN), and each
 process takes its own shard of every step.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -100,9 +101,16 @@ class ToNormalizedTensor:
         return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
 
 
-def moco_v2_transform(size: int, crop_scale_min: float = 0.2, blur_prob: float = 0.5, hflip: bool = True,
-                      jitter_hue: float = 0.1, grayscale_prob: float = 0.2,
-                      mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+def moco_v2_transform(
+    size: int,
+    crop_scale_min: float = 0.2,
+    blur_prob: float = 0.5,
+    hflip: bool = True,
+    jitter_hue: float = 0.1,
+    grayscale_prob: float = 0.2,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> T.Compose:
     """MoCo-v2 augmentation, with the blur kernel scaled to the image size (23 px at 224, as in SimCLR).
 
     Defaults are MoCo-v2's; ``jitter_hue`` and ``grayscale_prob`` let data whose colours are random per
@@ -121,8 +129,9 @@ def moco_v2_transform(size: int, crop_scale_min: float = 0.2, blur_prob: float =
     return T.Compose(ops)
 
 
-def supervised_transform(size: int, crop_scale_min: float = 0.08, hflip: bool = True, mean=IMAGENET_MEAN,
-                         std=IMAGENET_STD) -> T.Compose:
+def supervised_transform(
+    size: int, crop_scale_min: float = 0.08, hflip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD
+) -> T.Compose:
     """The standard supervised training augmentation: random resized crop and flip."""
     ops = [T.RandomResizedCrop(size, scale=(crop_scale_min, 1.0))]
     if hflip:
@@ -130,7 +139,7 @@ def supervised_transform(size: int, crop_scale_min: float = 0.08, hflip: bool = 
     return T.Compose(ops + [ToNormalizedTensor(mean, std)])
 
 
-def eval_transform(size: int, resize: Optional[int] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
+def eval_transform(size: int, resize: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> T.Compose:
     """Resize (default size / 0.875, i.e. 256 for 224) then centre crop."""
     resize = resize or int(round(size / 0.875))
     return T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
@@ -157,8 +166,10 @@ def image_folder(root: str | Path, split: str) -> datasets.ImageFolder:
     if not Path(root).is_dir():
         raise UserError(f"data directory not found: {display_path(root)}")
     if not path.is_dir():
-        raise UserError(f"data directory {display_path(root)} has no '{split}' folder "
-                        f"(expected ImageNet layout: {split}/<class>/<image>)")
+        raise UserError(
+            f"data directory {display_path(root)} has no '{split}' folder "
+            f"(expected ImageNet layout: {split}/<class>/<image>)"
+        )
     try:
         ds = SafeImageFolder(str(path), loader=rgb_loader, allow_empty=True)
     except (FileNotFoundError, RuntimeError) as e:
@@ -169,23 +180,37 @@ def image_folder(root: str | Path, split: str) -> datasets.ImageFolder:
     counts = np.bincount(ds.targets, minlength=len(ds.classes))
     empty = [display_path(c) for c, n in zip(ds.classes, counts) if n == 0]
     if empty:
-        logger.warning("%s: %d empty class folder(s) kept as classes without images: %s", display_path(path),
-                       len(empty), ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
+        logger.warning(
+            "%s: %d empty class folder(s) kept as classes without images: %s",
+            display_path(path),
+            len(empty),
+            ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""),
+        )
     return ds
 
 
 def _warn_left_out(ds: SafeImageFolder, path: Path, show: int = 5) -> None:
     """One warning for the files a listing left out and one for the directories it did not follow."""
+
     def names(items):
         shown = [f"{display_path(os.path.relpath(p, path))} ({why})" for p, why in items[:show]]
         return "; ".join(shown) + (f"; and {len(items) - show} more" if len(items) > show else "")
 
     if ds.skipped:
-        logger.warning("%s: %d file(s) with an image name left out as not regular files: %s",
-                       display_path(path), len(ds.skipped), names(ds.skipped))
+        logger.warning(
+            "%s: %d file(s) with an image name left out as not regular files: %s",
+            display_path(path),
+            len(ds.skipped),
+            names(ds.skipped),
+        )
     if ds.unfollowed:
-        logger.warning("%s: %d folder(s) not listed (each would repeat a folder or bring in images from "
-                       "outside its class folder): %s", display_path(path), len(ds.unfollowed), names(ds.unfollowed))
+        logger.warning(
+            "%s: %d folder(s) not listed (each would repeat a folder or bring in images from "
+            "outside its class folder): %s",
+            display_path(path),
+            len(ds.unfollowed),
+            names(ds.unfollowed),
+        )
 
 
 class DecodedCache:
@@ -229,7 +254,7 @@ def cache_small_dataset(ds: datasets.ImageFolder) -> datasets.ImageFolder:
     return ds
 
 
-def resolve_data_root(data: str, cache: Optional[str] = None, progress: bool = True) -> Path:
+def resolve_data_root(data: str, cache: str | None = None, progress: bool = True) -> Path:
     """'digits' renders (once) and returns the digit-scenes tree; anything else is an ImageFolder root."""
     if data == "digits":
         return ensure_digits(cache, progress=progress)
@@ -345,8 +370,15 @@ class NeighborBatchSampler:
         seed: base seed; the permutation and augmentation seeds derive from ``(seed, epoch, ...)``.
     """
 
-    def __init__(self, num_images: int, anchors_per_batch: int, neighbors: Optional[torch.Tensor] = None,
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        num_images: int,
+        anchors_per_batch: int,
+        neighbors: torch.Tensor | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
         if neighbors is not None and neighbors.shape[0] != num_images:
             raise ValueError(f"neighbour table has {neighbors.shape[0]} rows for {num_images} images")
         if num_images < world_size:
@@ -356,8 +388,10 @@ class NeighborBatchSampler:
         self.rank, self.world = rank, world_size
         self.epoch, self.start_step = 0, 0
         if num_images // len(self) < world_size:  # the smallest step must give every process an anchor
-            raise UserError(f"{num_images} images in steps of {anchors_per_batch} anchors x {world_size} processes "
-                            "leave some process an empty batch: use at least 2 anchors per process")
+            raise UserError(
+                f"{num_images} images in steps of {anchors_per_batch} anchors x {world_size} processes "
+                "leave some process an empty batch: use at least 2 anchors per process"
+            )
 
     @property
     def k(self) -> int:
@@ -383,7 +417,7 @@ class NeighborBatchSampler:
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 17))
         return torch.randperm(self.num_images, generator=g)  # [N] anchors of this epoch
 
-    def batch(self, step: int, perm: Optional[torch.Tensor] = None) -> list[tuple[int, int, int]]:
+    def batch(self, step: int, perm: torch.Tensor | None = None) -> list[tuple[int, int, int]]:
         """Elements ``(index, aug_seed, group)`` of this process at ``step`` of the current epoch."""
         perm = self.permutation() if perm is None else perm
         start, end = self._bounds(step)
@@ -401,9 +435,20 @@ class NeighborBatchSampler:
             yield self.batch(step, perm)
 
 
-def make_loader(dataset: Dataset, sampler: NeighborBatchSampler, num_workers: int = 2,
-                pin_memory: bool = False, collate_fn=collate_views) -> "torch.utils.data.DataLoader":
+def make_loader(
+    dataset: Dataset,
+    sampler: NeighborBatchSampler,
+    num_workers: int = 2,
+    pin_memory: bool = False,
+    collate_fn=collate_views,
+) -> "torch.utils.data.DataLoader":
     # persistent workers: no start-up every epoch (0.7 s against a 10 s epoch of the digit scenes, 2 workers)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, prefetch_factor=4 if num_workers > 0 else None,
-                      persistent_workers=num_workers > 0)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
+    )

@@ -18,6 +18,7 @@ CPU (:func:`scan_zoo.data.imageio.rgb_loader`, as with ``--decode cpu``); only t
 device. A file PIL cannot open is skipped as with ``--decode cpu``; a JPEG the device decoder refuses is
 decoded by PIL instead, and skipped only if PIL cannot decode it either.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,8 +49,17 @@ logger = logging.getLogger(__name__)
 DEVICE_JPEG_MODES = ("RGB", "L")  # JPEG colour modes torchvision.io decodes to RGB; others go through PIL
 JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision and PIL
-_SUPPORTED = (T.RandomResizedCrop, T.RandomApply, T.ColorJitter, T.RandomGrayscale, T.GaussianBlur,
-              T.RandomHorizontalFlip, T.ToTensor, T.Normalize, ToNormalizedTensor)
+_SUPPORTED = (
+    T.RandomResizedCrop,
+    T.RandomApply,
+    T.ColorJitter,
+    T.RandomGrayscale,
+    T.GaussianBlur,
+    T.RandomHorizontalFlip,
+    T.ToTensor,
+    T.Normalize,
+    ToNormalizedTensor,
+)
 
 
 # ------------------------------------------------------------------------------------ the plan of a view
@@ -71,12 +81,14 @@ def empty_plan(views: int) -> dict:
     width); ``factors`` float32 [V, 4] (brightness, contrast, saturation, hue; identity 1, 1, 1, 0);
     ``order`` int64 [V, 4] (ColorJitter's random order of those four); ``gray``, ``flip`` bool [V];
     ``sigma`` float32 [V] (Gaussian blur, 0 = none)."""
-    return {"crop": torch.zeros(views, 4, dtype=torch.long),
-            "factors": torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(views, 1),
-            "order": torch.arange(4).repeat(views, 1),
-            "gray": torch.zeros(views, dtype=torch.bool),
-            "sigma": torch.zeros(views),
-            "flip": torch.zeros(views, dtype=torch.bool)}
+    return {
+        "crop": torch.zeros(views, 4, dtype=torch.long),
+        "factors": torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(views, 1),
+        "order": torch.arange(4).repeat(views, 1),
+        "gray": torch.zeros(views, dtype=torch.bool),
+        "sigma": torch.zeros(views),
+        "flip": torch.zeros(views, dtype=torch.bool),
+    }
 
 
 def draw_plan(transform: MultiView, height: int, width: int) -> dict:
@@ -131,9 +143,13 @@ class EncodedViews(Dataset):
         kinds = Counter(Path(p).suffix.lower() or "(none)" for p, _ in base.samples)
         other = {k: n for k, n in kinds.items() if k not in JPEG_SUFFIXES}
         if other:
-            logger.info("--decode device: %d of %d training images are not JPEG (%s): the loader workers decode "
-                        "them on the CPU, only their augmentation runs on the device", sum(other.values()),
-                        len(base.samples), ", ".join(f"{n} {k}" for k, n in sorted(other.items())))
+            logger.info(
+                "--decode device: %d of %d training images are not JPEG (%s): the loader workers decode "
+                "them on the CPU, only their augmentation runs on the device",
+                sum(other.values()),
+                len(base.samples),
+                ", ".join(f"{n} {k}" for k, n in sorted(other.items())),
+            )
 
     def __len__(self) -> int:
         return len(self.base.samples)
@@ -184,10 +200,14 @@ def collate_encoded(batch):
     if not batch:
         return {"skipped": skipped, "index": torch.empty(0, dtype=torch.long)}
     data, labels, index, group, plans, paths, _ = zip(*batch)
-    out = {"skipped": skipped, "data": list(data), "path": list(paths),
-           "label": torch.as_tensor(labels, dtype=torch.long),
-           "index": torch.as_tensor(index, dtype=torch.long),
-           "group": torch.as_tensor(group, dtype=torch.long)}
+    out = {
+        "skipped": skipped,
+        "data": list(data),
+        "path": list(paths),
+        "label": torch.as_tensor(labels, dtype=torch.long),
+        "index": torch.as_tensor(index, dtype=torch.long),
+        "group": torch.as_tensor(group, dtype=torch.long),
+    }
     out.update({k: torch.stack([p[k] for p in plans]) for k in plans[0]})
     return out
 
@@ -227,8 +247,7 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     r, g, b = x.unbind(1)
-    h = torch.where(argmax == 0, (g - b) / safe,
-                    torch.where(argmax == 1, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    h = torch.where(argmax == 0, (g - b) / safe, torch.where(argmax == 1, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
     h = torch.where(delta > 0, h, torch.zeros_like(h))
     h = torch.remainder(h / 6.0 + f.view(-1, 1, 1), 1.0)  # [N, H, W] hue in turns
     # back to RGB: channel c = v - v s clamp(min(k, 4 - k), 0, 1), k = (n_c + 6 h) mod 6, n = (5, 3, 1)
@@ -286,8 +305,9 @@ class DeviceViews:
                             img = Image.open(io.BytesIO(data[i].numpy().tobytes()))
                             img.load()
                             out.append(pil_to_tensor(img.convert("RGB")).to(device))
-                            logger.warning("%s: the device's JPEG decoder failed (%s); decoded by PIL",
-                                           display_path(paths[i]), e)
+                            logger.warning(
+                                "%s: the device's JPEG decoder failed (%s); decoded by PIL", display_path(paths[i]), e
+                            )
                         except _DECODE_ERRORS as e2:
                             out.append(None)
                             reasons.append(str(UnreadableImage(paths[i], f"{type(e2).__name__}: {e2}")))

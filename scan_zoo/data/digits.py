@@ -8,6 +8,7 @@ scale and position (the transfer suite regresses these "appearance" factors).
 
 Everything is a pure function of the seed: the same arguments always write the same bytes.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,12 +45,15 @@ def render_scene(glyph: np.ndarray, rng: np.random.Generator, size: int = 32) ->
     g = Image.fromarray((glyph.astype(np.float32) * (255.0 / 16.0)).astype(np.uint8), mode="L")
     alpha_box = np.asarray(g.resize((side, side), Image.BILINEAR), dtype=np.float32) / 255.0
     alpha = np.zeros((size, size), np.float32)  # [H, W] coverage of the glyph
-    alpha[y0:y0 + side, x0:x0 + side] = alpha_box
+    alpha[y0 : y0 + side, x0 : x0 + side] = alpha_box
     img = bg[None, None, :] * (1 - alpha[..., None]) + fg[None, None, :] * alpha[..., None]  # [H, W, 3]
     mask = alpha >= 0.5  # [H, W] glyph pixels
     ys, xs = np.nonzero(mask)
-    bbox = (np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) if len(xs)
-            else np.array([x0, y0, x0 + side, y0 + side]))
+    bbox = (
+        np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        if len(xs)
+        else np.array([x0, y0, x0 + side, y0 + side])
+    )
     return {
         "image": np.clip(np.rint(img), 0, 255).astype(np.uint8),
         "mask": mask,
@@ -61,8 +65,9 @@ def render_scene(glyph: np.ndarray, rng: np.random.Generator, size: int = 32) ->
     }
 
 
-def render_digits(out: str | Path, renders: int = 4, size: int = 32, val_fraction: float = 0.2,
-                  seed: int = 0, progress: bool = True) -> Path:
+def render_digits(
+    out: str | Path, renders: int = 4, size: int = 32, val_fraction: float = 0.2, seed: int = 0, progress: bool = True
+) -> Path:
     """Write the digit-scenes ImageFolder tree into ``out`` (atomically: built aside, then renamed)."""
     # lazy: scikit-learn (~1 s to import) is needed only when the scenes are rendered
     from sklearn.datasets import load_digits
@@ -95,9 +100,16 @@ def render_digits(out: str | Path, renders: int = 4, size: int = 32, val_fractio
                     rows[key].append(scene[key])
                 bar.update(1)
     np.savez_compressed(tmp / META_FILE, **{k: np.asarray(v) for k, v in rows.items()})
-    info = {"format_version": FORMAT_VERSION, "renders": renders, "size": size, "val_fraction": val_fraction,
-            "seed": seed, "num_images": total, "num_glyphs": len(glyphs),
-            "source": "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)"}
+    info = {
+        "format_version": FORMAT_VERSION,
+        "renders": renders,
+        "size": size,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "num_images": total,
+        "num_glyphs": len(glyphs),
+        "source": "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)",
+    }
     (tmp / DONE_FILE).write_text(json.dumps(info, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -113,8 +125,13 @@ def default_cache_dir() -> Path:
 def ensure_digits(root: str | Path | None = None, progress: bool = True, **kwargs) -> Path:
     """Return a rendered digit-scenes tree, rendering it once if it is missing or was made differently."""
     root = Path(root) if root else default_cache_dir()
-    want = {"format_version": FORMAT_VERSION, "renders": kwargs.get("renders", 4), "size": kwargs.get("size", 32),
-            "val_fraction": kwargs.get("val_fraction", 0.2), "seed": kwargs.get("seed", 0)}
+    want = {
+        "format_version": FORMAT_VERSION,
+        "renders": kwargs.get("renders", 4),
+        "size": kwargs.get("size", 32),
+        "val_fraction": kwargs.get("val_fraction", 0.2),
+        "seed": kwargs.get("seed", 0),
+    }
     done = root / DONE_FILE
     if done.is_file():
         have = json.loads(done.read_text())

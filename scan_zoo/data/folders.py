@@ -16,6 +16,7 @@ order for an ordinary tree, and otherwise:
 Directory identity is the resolved path (``os.path.realpath``), computed only for directory links: a real
 subdirectory's resolved path is its parent's plus its name, so an ordinary tree costs no extra system call.
 """
+
 from __future__ import annotations
 
 import errno
@@ -76,8 +77,9 @@ def _refuse_link(real: str, own: str, class_reals: dict, ancestors: set, visited
     return None
 
 
-def _walk_class(top: str, own: str, class_reals: dict, ancestors: set, visited: set, extensions: tuple,
-                out: Listing) -> list:
+def _walk_class(
+    top: str, own: str, class_reals: dict, ancestors: set, visited: set, extensions: tuple, out: Listing
+) -> list:
     """``[(directory, [file names])]`` of class ``own`` rooted at ``top``, each real directory once."""
     found = []
     stack = [(top, os.path.realpath(top))]
@@ -101,8 +103,13 @@ def _walk_class(top: str, own: str, class_reals: dict, ancestors: set, visited: 
                     reason = _refuse_link(sub_real, own, class_reals, ancestors, visited)
                 else:
                     sub_real = os.path.join(real, e.name)
-                    reason = ("is the folder of another class" if sub_real in class_reals
-                              else "leads to a folder listed already" if sub_real in visited else None)
+                    reason = (
+                        "is the folder of another class"
+                        if sub_real in class_reals
+                        else "leads to a folder listed already"
+                        if sub_real in visited
+                        else None
+                    )
                 if reason:
                     out.unfollowed.append((e.path, reason))
                     continue

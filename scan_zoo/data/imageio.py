@@ -12,6 +12,7 @@ File names are whatever bytes the file system holds. Wherever one is written for
 ``skipped_images.txt``, a JSON file) it goes through :func:`display_path`: one line of valid UTF-8 whatever the
 name contains.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,13 @@ class UnreadableImage(Exception):
         self.path, self.reason = path, reason
 
 
-FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-              (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+FILE_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+)
 
 
 def file_kind(mode: int) -> str:

@@ -2,11 +2,11 @@
 (appearance model, K, image and class counts, a fingerprint of the file list). :func:`load_neighbors`
 checks every entry and refuses a table mined for another data set; mining itself is
 :func:`scan_zoo.core.neighbors.mine_neighbors`."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -29,27 +29,40 @@ def save_neighbors(path: str | Path, indices: torch.Tensor, sims: torch.Tensor, 
     return path
 
 
-def check_table(indices: torch.Tensor, sims: torch.Tensor, source: str, num_images: Optional[int] = None,
-                labels: Optional[torch.Tensor] = None) -> None:
+def check_table(
+    indices: torch.Tensor,
+    sims: torch.Tensor,
+    source: str,
+    num_images: int | None = None,
+    labels: torch.Tensor | None = None,
+) -> None:
     """Refuse a table :func:`mine_neighbors` cannot have written: ``indices`` an integer ``[N, K]`` of images
     ``0..N-1`` (``-1``: no neighbour), never the image itself, and (given its ``labels``) never another class;
     ``sims`` a float ``[N, K]``. ``num_images``: the N of the data set it is used with."""
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool or indices.dim() != 2:
-        raise UserError(f"neighbour file {source}: 'indices' must be an integer [N, K] table, "
-                        f"not {indices.dtype} of shape {tuple(indices.shape)}")
+        raise UserError(
+            f"neighbour file {source}: 'indices' must be an integer [N, K] table, "
+            f"not {indices.dtype} of shape {tuple(indices.shape)}"
+        )
     n = indices.shape[0]
     if tuple(sims.shape) != tuple(indices.shape) or not sims.dtype.is_floating_point:
-        raise UserError(f"neighbour file {source}: 'similarities' must be a float table shaped like 'indices' "
-                        f"{tuple(indices.shape)}, not {sims.dtype} of shape {tuple(sims.shape)}")
+        raise UserError(
+            f"neighbour file {source}: 'similarities' must be a float table shaped like 'indices' "
+            f"{tuple(indices.shape)}, not {sims.dtype} of shape {tuple(sims.shape)}"
+        )
     if num_images is not None and n != num_images:
-        raise UserError(f"neighbour file {source} has {n} rows but the data set has {num_images} images; "
-                        "mine again with `scan-zoo mine`")
+        raise UserError(
+            f"neighbour file {source} has {n} rows but the data set has {num_images} images; "
+            "mine again with `scan-zoo mine`"
+        )
     idx = indices.long()
     out = (idx < -1) | (idx >= n)
     if out.any():
         i, j = out.nonzero()[0].tolist()
-        raise UserError(f"neighbour file {source}: image {i} has neighbour {int(idx[i, j])}, outside 0..{n - 1} "
-                        "(-1 marks no neighbour)")
+        raise UserError(
+            f"neighbour file {source}: image {i} has neighbour {int(idx[i, j])}, outside 0..{n - 1} "
+            "(-1 marks no neighbour)"
+        )
     rows = torch.arange(n)[:, None].expand_as(idx)
     own = idx == rows
     if own.any():
@@ -63,12 +76,15 @@ def check_table(indices: torch.Tensor, sims: torch.Tensor, source: str, num_imag
         other = valid & (labels[idx.clamp(min=0)] != labels[rows])
         if other.any():
             i, j = other.nonzero()[0].tolist()
-            raise UserError(f"neighbour file {source}: image {i} (class {int(labels[i])}) has neighbour "
-                            f"{int(idx[i, j])} of class {int(labels[idx[i, j]])}; SCAN's neighbours are same-class")
+            raise UserError(
+                f"neighbour file {source}: image {i} (class {int(labels[i])}) has neighbour "
+                f"{int(idx[i, j])} of class {int(labels[idx[i, j]])}; SCAN's neighbours are same-class"
+            )
 
 
-def load_neighbors(path: str | Path, expect: Optional[dict] = None,
-                   labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def load_neighbors(
+    path: str | Path, expect: dict | None = None, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Read a neighbour table and check it (:func:`check_table`, with the data set's ``labels`` when given);
     with ``expect`` (num_images, num_classes, fingerprint, k), refuse a mismatch of its provenance."""
     path = Path(path)
@@ -91,16 +107,25 @@ def load_neighbors(path: str | Path, expect: Optional[dict] = None,
     for key, want in (expect or {}).items():
         have = prov.get(key)
         if have != want:
-            raise UserError(f"neighbour file {path} was mined for another data set or setting: "
-                            f"{key} is {have!r} there but {want!r} here; mine again with `scan-zoo mine`")
+            raise UserError(
+                f"neighbour file {path} was mined for another data set or setting: "
+                f"{key} is {have!r} there but {want!r} here; mine again with `scan-zoo mine`"
+            )
     num_images = prov.get("num_images") if isinstance(prov.get("num_images"), int) else None
     check_table(indices, sims, str(path), num_images, labels)
     if isinstance(prov.get("k"), int) and indices.shape[1] != prov["k"]:
-        raise UserError(f"neighbour file {path} holds {indices.shape[1]} neighbours per image but records K={prov['k']}")
+        raise UserError(
+            f"neighbour file {path} holds {indices.shape[1]} neighbours per image but records K={prov['k']}"
+        )
     return indices.long(), sims, prov
 
 
 def dataset_provenance(dataset, k: int, appearance_model: str) -> dict:
     """What a table must match: the data set's size, classes and file list, and K."""
-    return {"num_images": len(dataset.samples), "num_classes": len(dataset.classes),
-            "fingerprint": dataset_fingerprint(dataset), "k": k, "appearance_model": appearance_model}
+    return {
+        "num_images": len(dataset.samples),
+        "num_classes": len(dataset.classes),
+        "fingerprint": dataset_fingerprint(dataset),
+        "k": k,
+        "appearance_model": appearance_model,
+    }

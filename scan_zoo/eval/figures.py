@@ -1,4 +1,5 @@
 """What every figure drawn with Pillow shares: the font (the retrieval grid here, the benchmark charts above)."""
+
 from __future__ import annotations
 
 from PIL import ImageFont

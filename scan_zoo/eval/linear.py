@@ -9,6 +9,7 @@ digits entries by up to 0.28 points between 1 and 2 threads (float32).
 Several processes each train the same layer on the same data (no collective), so every process ends
 with the same classifier and nothing can deadlock.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,9 +81,16 @@ def classifier_accuracy(classifier: nn.Module, features: torch.Tensor, labels: t
     return evaluation.topk_accuracy(classifier(features.to(classifier.weight.dtype)).cpu(), labels.cpu())
 
 
-def fit_linear(epoch_batches: Callable[[int], Iterable], dim: int, num_classes: int, val_features: torch.Tensor,
-               val_labels: torch.Tensor, cfg: ProbeConfig, device="cpu",
-               dtype: torch.dtype = LINEAR_DTYPE) -> tuple[nn.Linear, list[dict]]:
+def fit_linear(
+    epoch_batches: Callable[[int], Iterable],
+    dim: int,
+    num_classes: int,
+    val_features: torch.Tensor,
+    val_labels: torch.Tensor,
+    cfg: ProbeConfig,
+    device="cpu",
+    dtype: torch.dtype = LINEAR_DTYPE,
+) -> tuple[nn.Linear, list[dict]]:
     """Train the linear layer for ``cfg.epochs`` on ``epoch_batches(epoch)``; validate after every epoch.
 
     ``dtype``: the layer's (and its inputs'); float64 for eval_linear.py, float32 where recorded results were
@@ -91,12 +99,17 @@ def fit_linear(epoch_batches: Callable[[int], Iterable], dim: int, num_classes: 
     Returns ``(classifier, history)``, ``history[e] = {"epoch", "lr", "loss", "top1", "top5"}``.
     """
     classifier = make_classifier(dim, num_classes, cfg.seed, dtype).to(device)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     val_features, val_labels = val_features.to(device, dtype), val_labels.to(device)  # [M, D], [M]
     history = []
-    bar = tqdm(range(cfg.epochs), desc=f"linear ({cfg.protocol})", unit="epoch",
-               disable=not cfg.progress or dist_lib.rank() != 0)
+    bar = tqdm(
+        range(cfg.epochs),
+        desc=f"linear ({cfg.protocol})",
+        unit="epoch",
+        disable=not cfg.progress or dist_lib.rank() != 0,
+    )
     for epoch in bar:
         lr = lr_at(epoch, cfg.lr, cfg.milestones)
         for group in optimizer.param_groups:
@@ -104,8 +117,9 @@ def fit_linear(epoch_batches: Callable[[int], Iterable], dim: int, num_classes: 
         loss = train_epoch(classifier, optimizer, epoch_batches(epoch))
         if not math.isfinite(loss):
             logger.warning("linear probe: non-finite training loss at epoch %d (lr %g)", epoch + 1, lr)
-        history.append({"epoch": epoch + 1, "lr": lr, "loss": loss,
-                        **classifier_accuracy(classifier, val_features, val_labels)})
+        history.append(
+            {"epoch": epoch + 1, "lr": lr, "loss": loss, **classifier_accuracy(classifier, val_features, val_labels)}
+        )
         bar.set_postfix(loss=f"{loss:.4f}", top1=f"{history[-1]['top1']:.2f}")
     return classifier, history
 
@@ -114,36 +128,50 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed},{epoch},probe".encode(), digest_size=8).digest(), "little") >> 1
 
 
-def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, epoch: int,
-                   device="cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def cached_batches(
+    features: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, epoch: int, device="cpu"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An epoch over cached features in a seeded random order: ``(features [B, D], labels [B])``."""
     perm = torch.randperm(len(features), generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))  # [N]
     for lo in range(0, len(perm), batch_size):
-        idx = perm[lo:lo + batch_size]  # [B]
+        idx = perm[lo : lo + batch_size]  # [B]
         yield features[idx].to(device), labels[idx].to(device)
 
 
-def augmented_batches(backbone: nn.Module, dataset, cfg: ProbeConfig, epoch: int,
-                      device="cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def augmented_batches(
+    backbone: nn.Module, dataset, cfg: ProbeConfig, epoch: int, device="cpu"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An epoch of augmented crops through the frozen backbone: ``(features [B, D], labels [B])``.
 
     Order and crops are functions of ``(seed, epoch)`` (the DataLoader's generator seeds its workers;
     without workers the crops are drawn under a forked, seeded RNG, so the caller's RNG is untouched).
     """
     seed = _epoch_seed(cfg.seed, epoch)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                        generator=torch.Generator().manual_seed(seed), drop_last=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for x, y, _ in tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False,
-                            disable=not cfg.progress or dist_lib.rank() != 0):
+        for x, y, _ in tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}",
+            unit="batch",
+            leave=False,
+            disable=not cfg.progress or dist_lib.rank() != 0,
+        ):
             with torch.no_grad():
                 feats = backbone(x.to(device)).to(LINEAR_DTYPE)  # [B, D], eval mode: BN statistics used, not updated
             yield feats, y.to(device)
 
 
-def training_batches(backbone: nn.Module, train, feats: dict, cfg: ProbeConfig,
-                     device="cpu") -> Callable[[int], Iterable]:
+def training_batches(
+    backbone: nn.Module, train, feats: dict, cfg: ProbeConfig, device="cpu"
+) -> Callable[[int], Iterable]:
     """``epoch -> batches`` of ``cfg.protocol``'s training data: the cached centre-crop features
     (``feats`` from :func:`scan_zoo.eval.probe_cache.centre_crop_features`) or augmented crops of ``train`` through the frozen backbone."""
     if cfg.protocol == "cached":
@@ -152,4 +180,3 @@ def training_batches(backbone: nn.Module, train, feats: dict, cfg: ProbeConfig,
         return lambda epoch: cached_batches(f_train, y_train, cfg.batch_size, cfg.seed, epoch, device)
     augmented = data_lib.EvalImages(train, train_transform(cfg))
     return lambda epoch: augmented_batches(backbone, augmented, cfg, epoch, device)
-

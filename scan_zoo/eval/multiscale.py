@@ -1,5 +1,6 @@
 """Multi-scale features of a frozen backbone: timm's ``features_only`` form carrying the backbone's own
 weights (loaded strictly), and one extraction pass over a data set (the transfer suite's segmentation task)."""
+
 from __future__ import annotations
 
 import logging
@@ -28,15 +29,17 @@ def feature_state_dict(backbone_state: dict, feature_keys: Sequence[str]) -> tup
     """
     state, missing = {}, []
     for key in feature_keys:
-        src = key if key in backbone_state else key[len("model."):] if key.startswith("model.") else None
+        src = key if key in backbone_state else key[len("model.") :] if key.startswith("model.") else None
         if src is None or src not in backbone_state:
             missing.append(key)
             continue
         state[key] = backbone_state[src]
     if missing:
-        raise UserError(f"features_only model keys not found in the backbone: {missing[:8]}"
-                        + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    used = {k if k in backbone_state else k[len("model."):] for k in feature_keys}
+        raise UserError(
+            f"features_only model keys not found in the backbone: {missing[:8]}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        )
+    used = {k if k in backbone_state else k[len("model.") :] for k in feature_keys}
     return state, sorted(set(backbone_state) - used)
 
 
@@ -58,8 +61,15 @@ def features_only_model(backbone: nn.Module) -> tuple[nn.Module, list[str]]:
 
 
 @torch.no_grad()
-def extract_multiscale(model: nn.Module, dataset, batch_size: int = 256, num_workers: int = 2,
-                       device="cpu", progress: bool = False, desc: str = "multi-scale features") -> list[torch.Tensor]:
+def extract_multiscale(
+    model: nn.Module,
+    dataset,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    device="cpu",
+    progress: bool = False,
+    desc: str = "multi-scale features",
+) -> list[torch.Tensor]:
     """Every level of a features_only model for every image: ``[float16 [N, C_l, H_l, W_l]]``."""
     model.eval()
     levels: list[list[torch.Tensor]] = []

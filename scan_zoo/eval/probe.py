@@ -16,6 +16,7 @@ training :mod:`scan_zoo.eval.linear`. This module runs them:
 - At the end every backbone weight and buffer is compared, bit for bit, with a copy taken before
   (main_lincls.py's sanity_check); a difference raises :class:`BackboneChanged`.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -24,7 +25,6 @@ import os
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -97,12 +97,21 @@ def assert_unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> None
     naming every weight or buffer that differs from ``before`` (NaNs compare by their bits)."""
     after = module.state_dict()
     changed = sorted(set(before) ^ set(after))
-    changed += [k for k in before if k in after and (before[k].dtype != after[k].dtype
-                                                     or before[k].shape != after[k].shape
-                                                     or not torch.equal(_bits(before[k]), _bits(after[k])))]
+    changed += [
+        k
+        for k in before
+        if k in after
+        and (
+            before[k].dtype != after[k].dtype
+            or before[k].shape != after[k].shape
+            or not torch.equal(_bits(before[k]), _bits(after[k]))
+        )
+    ]
     if changed:
-        raise BackboneChanged(f"linear probing changed the frozen backbone: {changed[:10]}"
-                              + (f" and {len(changed) - 10} more" if len(changed) > 10 else ""))
+        raise BackboneChanged(
+            f"linear probing changed the frozen backbone: {changed[:10]}"
+            + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
+        )
 
 
 # ------------------------------------------------------------------------------------------- protocols
@@ -110,8 +119,14 @@ def knn_accuracy(feats: dict, num_classes: int, cfg: ProbeConfig) -> dict:
     """kNN top-1/top-5 of the val features against the train features (``feats`` from
     :func:`centre_crop_features`), with ``cfg``'s k and temperature, on the probe's fixed thread count."""
     with fixed_threads():
-        scores = evaluation.knn_classify(feats["train_features"], feats["train_labels"], feats["val_features"],
-                                         num_classes, cfg.knn_k, cfg.knn_temperature)  # [M, C]
+        scores = evaluation.knn_classify(
+            feats["train_features"],
+            feats["train_labels"],
+            feats["val_features"],
+            num_classes,
+            cfg.knn_k,
+            cfg.knn_temperature,
+        )  # [M, C]
         knn = evaluation.topk_accuracy(scores, feats["val_labels"])
     return {"top1": knn["top1"], "top5": knn["top5"], "k": cfg.knn_k, "temperature": cfg.knn_temperature}
 
@@ -133,8 +148,15 @@ def linear_probe(backbone: nn.Module, train, val, cfg: ProbeConfig, device="cpu"
         feats = centre_crop_features(backbone, train, val, cfg, device)
         dim, num_classes = feats["train_features"].shape[1], len(train.classes)
         with fixed_threads():
-            _, history = fit_linear(training_batches(backbone, train, feats, cfg, device), dim, num_classes,
-                                    feats["val_features"], feats["val_labels"], cfg, device)
+            _, history = fit_linear(
+                training_batches(backbone, train, feats, cfg, device),
+                dim,
+                num_classes,
+                feats["val_features"],
+                feats["val_labels"],
+                cfg,
+                device,
+            )
         knn = knn_accuracy(feats, num_classes, cfg)
     finally:
         backbone.train(was_training)
@@ -142,12 +164,19 @@ def linear_probe(backbone: nn.Module, train, val, cfg: ProbeConfig, device="cpu"
             p.requires_grad_(requires_grad[n])
     assert_unchanged(backbone, before)
     last = history[-1]
-    return {"protocol": protocol_settings(cfg), "top1": last["top1"], "top5": last["top5"], "knn": knn,
-            "history": history, "feature_cache": {"path": feats["cache_path"], "hit": feats["cache_hit"]},
-            "feature_dim": dim, "seconds": time.perf_counter() - start}
+    return {
+        "protocol": protocol_settings(cfg),
+        "top1": last["top1"],
+        "top5": last["top5"],
+        "knn": knn,
+        "history": history,
+        "feature_cache": {"path": feats["cache_path"], "hit": feats["cache_hit"]},
+        "feature_dim": dim,
+        "seconds": time.perf_counter() - start,
+    }
 
 
-def _load(model: str, data: str, cfg: ProbeConfig, arch: Optional[str], data_cache: Optional[str]):
+def _load(model: str, data: str, cfg: ProbeConfig, arch: str | None, data_cache: str | None):
     """``(root, train, val, backbone, description, weights file or None, resolved cfg)``."""
     root = data_lib.resolve_data_root(data, data_cache, progress=cfg.progress and dist_lib.rank() == 0)
     train, val = load_splits(root)
@@ -158,8 +187,14 @@ def _load(model: str, data: str, cfg: ProbeConfig, arch: Optional[str], data_cac
     return root, train, val, backbone, description, weights, cfg
 
 
-def evaluate_knn(model: str, data: str, cfg: ProbeConfig | None = None, arch: Optional[str] = None,
-                 data_cache: Optional[str] = None, device="cpu") -> dict:
+def evaluate_knn(
+    model: str,
+    data: str,
+    cfg: ProbeConfig | None = None,
+    arch: str | None = None,
+    data_cache: str | None = None,
+    device="cpu",
+) -> dict:
     """The kNN of :func:`evaluate_model` alone (same transform, same cached features, same k and T), for
     tables that show kNN only (the training pipeline's): the same weights give the same figure everywhere."""
     _, train, val, backbone, _, _, cfg = _load(model, data, cfg or ProbeConfig(), arch, data_cache)
@@ -169,25 +204,39 @@ def evaluate_knn(model: str, data: str, cfg: ProbeConfig | None = None, arch: Op
     return knn_accuracy(feats, len(train.classes), cfg)
 
 
-def evaluate_model(model: str, data: str, cfg: ProbeConfig, arch: Optional[str] = None,
-                   data_cache: Optional[str] = None, device="cpu") -> dict:
+def evaluate_model(
+    model: str, data: str, cfg: ProbeConfig, arch: str | None = None, data_cache: str | None = None, device="cpu"
+) -> dict:
     """Load ``model`` (anything :func:`scan_zoo.models.loading.load_backbone` accepts), probe it on ``data``
     (an ImageFolder root with train/ and val/, or ``digits``) and return the results with their provenance."""
 
     root, train, val, backbone, description, weights, cfg = _load(model, data, cfg, arch, data_cache)
     result = linear_probe(backbone.to(device), train, val, cfg, device)
-    result.update({"dataset": data, "data_root": str(root), "num_classes": len(train.classes),
-                   "train_images": len(train), "val_images": len(val), "model": model,
-                   "architecture": backbone.pretrained_cfg.get("architecture"), "weights": description})
+    result.update(
+        {
+            "dataset": data,
+            "data_root": str(root),
+            "num_classes": len(train.classes),
+            "train_images": len(train),
+            "val_images": len(val),
+            "model": model,
+            "architecture": backbone.pretrained_cfg.get("architecture"),
+            "weights": description,
+        }
+    )
     if weights is not None:
         result["weights_sha256"] = sha256_file(weights)
-    result.update({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "scan_zoo_version": version("scan-zoo")})
+    result.update(
+        {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "scan_zoo_version": version("scan-zoo"),
+        }
+    )
     return result
 
 
 # --------------------------------------------------------------------------------------------- results
-def results_path(model: str, out: Optional[str] = None) -> Path:
+def results_path(model: str, out: str | None = None) -> Path:
     """``out``; else ``<model>/eval_results.json`` for a directory; else
     ``runs/eval/<sanitised model name>/eval_results.json``."""
     if out:

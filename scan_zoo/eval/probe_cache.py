@@ -1,5 +1,6 @@
 """The feature cache of the cached protocol: centre-crop features of both splits, keyed by everything they
 depend on (weights, file lists, transform), stored with the sha256 of their bytes and never used unverified."""
+
 from __future__ import annotations
 
 import hashlib
@@ -49,10 +50,18 @@ def files_digest(ds) -> str:
 
 def cache_key(backbone: nn.Module, train, val, cfg: ProbeConfig) -> tuple[str, dict]:
     """``(sha256 hex, what it hashes)``: weights, both splits' file lists and the centre-crop settings."""
-    what = {"format": CACHE_FORMAT, "weights": weights_digest(backbone), "train": files_digest(train),
-            "val": files_digest(val), "image_size": cfg.image_size, "eval_resize": cfg.eval_resize,
-            "mean": list(cfg.mean), "std": list(cfg.std), "interpolation": "bilinear",
-            "features": "pooled, eval mode, float32"}
+    what = {
+        "format": CACHE_FORMAT,
+        "weights": weights_digest(backbone),
+        "train": files_digest(train),
+        "val": files_digest(val),
+        "image_size": cfg.image_size,
+        "eval_resize": cfg.eval_resize,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "interpolation": "bilinear",
+        "features": "pooled, eval mode, float32",
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest(), what
 
 
@@ -124,14 +133,23 @@ def centre_crop_features(backbone: nn.Module, train, val, cfg: ProbeConfig, devi
         tensors = {}
         for split, ds in (("train", train), ("val", val)):
             with fixed_threads():  # the features' bits must not depend on the thread count
-                f, y = features_lib.extract_features(backbone, data_lib.EvalImages(ds, tf), cfg.extract_batch_size,
-                                                     cfg.num_workers, device, desc=f"{split} features",
-                                                     progress=cfg.progress)
+                f, y = features_lib.extract_features(
+                    backbone,
+                    data_lib.EvalImages(ds, tf),
+                    cfg.extract_batch_size,
+                    cfg.num_workers,
+                    device,
+                    desc=f"{split} features",
+                    progress=cfg.progress,
+                )
             tensors[f"{split}_features"], tensors[f"{split}_labels"] = f.contiguous(), y.contiguous()  # [N, D], [N]
         if dist_lib.rank() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file(tensors, str(tmp), metadata={"scan_zoo_feature_cache": json.dumps(what),
-                                                   "tensors_sha256": tensors_digest(tensors)})
+            save_file(
+                tensors,
+                str(tmp),
+                metadata={"scan_zoo_feature_cache": json.dumps(what), "tensors_sha256": tensors_digest(tensors)},
+            )
             os.replace(tmp, path)
     return {**tensors, "cache_path": str(path), "cache_hit": hit}

@@ -33,12 +33,13 @@ Choices the method leaves open, made here:
 - The numbers reported are the LAST epoch's; every epoch's are kept in ``history``
   (main_lincls.py prints the best epoch's, which selects on the validation set).
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional  # Optional: the validation reads typing.Union, not X | None
+from typing import Annotated
 
 from torch import nn
 from torchvision import transforms as T
@@ -70,11 +71,12 @@ LINEAR_TOLERANCE = 0.7
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # kNN beside every protocol (and in the training pipeline's table)
 
 
-
 @dataclass
 class ProbeConfig:
     """One linear-probe evaluation. Defaults are MoCo's main_lincls.py; None means "from the model / data"."""
 
+    # One field a line: its trailing comment documents it.
+    # fmt: off
     protocol: Annotated[str, Choice(PROTOCOLS)] = "cached"  # cached (classifier on centre-crop features extracted once) or moco (augmented crops)
     epochs: Annotated[int, AtLeast(1)] = 100  # training epochs of the linear layer
     lr: Annotated[float, Range(0, 1e4, lo_open=True)] = 30.0  # initial learning rate (batch 256)
@@ -82,20 +84,21 @@ class ProbeConfig:
     weight_decay: Annotated[float, Range(0, 1)] = 0.0  # SGD weight decay
     batch_size: Annotated[int, AtLeast(1)] = 256  # images (or cached features) per step
     milestones: Annotated[tuple[int, ...], AtLeast(0)] = (60, 80)  # epochs at which lr is multiplied by 0.1
-    image_size: Annotated[Optional[int], AtLeast(1)] = None  # crop size (default: the model's input size; 32 on the digits)
-    eval_resize: Annotated[Optional[int], AtLeast(1)] = None  # resize before the centre crop (default: image_size / 0.875)
-    crop_scale_min: Annotated[Optional[float], CROP_SCALE] = None  # RandomResizedCrop lower scale, moco protocol (default: 0.08, MoCo's; 0.5 on the digits)
+    image_size: Annotated[int | None, AtLeast(1)] = None  # crop size (default: the model's input size; 32 on the digits)
+    eval_resize: Annotated[int | None, AtLeast(1)] = None  # resize before the centre crop (default: image_size / 0.875)
+    crop_scale_min: Annotated[float | None, CROP_SCALE] = None  # RandomResizedCrop lower scale, moco protocol (default: 0.08, MoCo's; 0.5 on the digits)
     crop_scale_max: Annotated[float, CROP_SCALE] = 1.0
-    hflip: Optional[bool] = None  # random horizontal flip (moco protocol; default: on, off on the digits)
-    mean: Annotated[Optional[tuple[float, ...]], Range()] = None  # normalisation (default: the model's)
-    std: Annotated[Optional[tuple[float, ...]], Positive()] = None
+    hflip: bool | None = None  # random horizontal flip (moco protocol; default: on, off on the digits)
+    mean: Annotated[tuple[float, ...] | None, Range()] = None  # normalisation (default: the model's)
+    std: Annotated[tuple[float, ...] | None, Positive()] = None
     knn_k: Annotated[int, AtLeast(1)] = 20  # kNN: neighbours
     knn_temperature: Annotated[float, Positive()] = 0.07  # kNN: vote weight exp(sim / T)
     seed: Annotated[int, Range(-2 ** 63, 2 ** 63 - 1)] = 0  # classifier initialisation, data order, augmentation
     num_workers: Annotated[int, AtLeast(0)] = 2  # DataLoader workers
     extract_batch_size: Annotated[int, AtLeast(1)] = 256  # batch size of feature extraction
-    cache_dir: Annotated[Optional[str], Text()] = None  # feature cache (default: $SCAN_ZOO_CACHE or ~/.cache/scan_zoo, /features)
+    cache_dir: Annotated[str | None, Text()] = None  # feature cache (default: $SCAN_ZOO_CACHE or ~/.cache/scan_zoo, /features)
     progress: bool = True  # tqdm progress bars
+    # fmt: on
 
     def validate(self) -> "ProbeConfig":
         """Every field's type and range (declared in its annotation), then the checks that span fields."""
@@ -103,13 +106,15 @@ class ProbeConfig:
         if self.crop_scale_min is not None and self.crop_scale_min > self.crop_scale_max:
             raise UserError(f"crop scale must satisfy min <= max, not ({self.crop_scale_min}, {self.crop_scale_max})")
         if None not in (self.image_size, self.eval_resize) and self.eval_resize < self.image_size:
-            raise UserError(f"eval_resize {self.eval_resize} is smaller than image_size {self.image_size}: "
-                            "the centre crop would be padded")
+            raise UserError(
+                f"eval_resize {self.eval_resize} is smaller than image_size {self.image_size}: "
+                "the centre crop would be padded"
+            )
         return self
 
 
 # --------------------------------------------------------------------------------------- preprocessing
-def model_preprocessing(model: nn.Module, weights: Optional[Path]) -> dict:
+def model_preprocessing(model: nn.Module, weights: Path | None) -> dict:
     """The model's own input size and normalisation: ``{"image_size", "mean", "std"}``.
 
     Read from timm's config.json beside the weights, else from a scan_zoo training checkpoint's
@@ -118,8 +123,11 @@ def model_preprocessing(model: nn.Module, weights: Optional[Path]) -> dict:
     """
     default = model.pretrained_cfg
     if weights is None:
-        return {"image_size": int(default["input_size"][-1]), "mean": tuple(default["mean"]),
-                "std": tuple(default["std"])}
+        return {
+            "image_size": int(default["input_size"][-1]),
+            "mean": tuple(default["mean"]),
+            "std": tuple(default["std"]),
+        }
     cfg = read_config(weights).get("pretrained_cfg")
     if cfg:
         try:
@@ -127,8 +135,10 @@ def model_preprocessing(model: nn.Module, weights: Optional[Path]) -> dict:
             if not all(isinstance(v, (int, float)) for v in out["mean"] + out["std"]):
                 raise TypeError("mean and std must hold numbers")
         except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise UserError(f"{weights.parent / 'config.json'}: pretrained_cfg needs input_size, mean and std "
-                            f"lists of numbers ({type(e).__name__}: {e})") from None
+            raise UserError(
+                f"{weights.parent / 'config.json'}: pretrained_cfg needs input_size, mean and std "
+                f"lists of numbers ({type(e).__name__}: {e})"
+            ) from None
         return out
     size = int(default["input_size"][-1])
     ckpt = weights.parent / "config.yaml"
@@ -147,10 +157,15 @@ def resolve_config(cfg: ProbeConfig, preprocessing: dict, data: str) -> ProbeCon
     resize = cfg.eval_resize or int(round(size / 0.875))
     scale_min = cfg.crop_scale_min or (DIGITS_CROP_SCALE_MIN if digits else IMAGENET_CROP_SCALE_MIN)
     return dataclasses.replace(
-        cfg, image_size=size, eval_resize=resize, crop_scale_min=scale_min,
+        cfg,
+        image_size=size,
+        eval_resize=resize,
+        crop_scale_min=scale_min,
         hflip=(not digits) if cfg.hflip is None else cfg.hflip,
-        mean=tuple(cfg.mean or preprocessing["mean"]), std=tuple(cfg.std or preprocessing["std"]),
-        milestones=tuple(int(m) for m in cfg.milestones)).validate()
+        mean=tuple(cfg.mean or preprocessing["mean"]),
+        std=tuple(cfg.std or preprocessing["std"]),
+        milestones=tuple(int(m) for m in cfg.milestones),
+    ).validate()
 
 
 def eval_transform(cfg: ProbeConfig):
@@ -169,20 +184,36 @@ def protocol_settings(cfg: ProbeConfig) -> dict:
     """What the results record about the protocol (JSON types)."""
     centre = f"Resize({cfg.eval_resize}) + CenterCrop({cfg.image_size})"
     if cfg.protocol == "moco":
-        train = (f"RandomResizedCrop({cfg.image_size}, scale=({cfg.crop_scale_min}, {cfg.crop_scale_max}))"
-                 + (" + RandomHorizontalFlip" if cfg.hflip else ""))
+        train = f"RandomResizedCrop({cfg.image_size}, scale=({cfg.crop_scale_min}, {cfg.crop_scale_max}))" + (
+            " + RandomHorizontalFlip" if cfg.hflip else ""
+        )
     else:
         train = centre + " (features extracted once)"
-    return {"name": cfg.protocol, "epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum,
-            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "milestones": list(cfg.milestones),
-            "lr_decay": LR_DECAY, "optimizer": "SGD", "train_transform": train, "eval_transform": centre,
-            "image_size": cfg.image_size, "eval_resize": cfg.eval_resize,
-            "hflip": bool(cfg.hflip) and cfg.protocol == "moco",
-            "crop_scale": [cfg.crop_scale_min, cfg.crop_scale_max] if cfg.protocol == "moco" else None,
-            "interpolation": "bilinear", "mean": list(cfg.mean), "std": list(cfg.std),
-            "classifier": "linear on raw pooled features, weight ~ N(0, 0.01), bias 0",
-            "arithmetic": "linear layer in float64; features, linear layer and kNN on 1 CPU thread",
-            "backbone": "frozen, eval mode (BN statistics frozen)", "reported": "last epoch", "seed": cfg.seed}
+    return {
+        "name": cfg.protocol,
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "batch_size": cfg.batch_size,
+        "milestones": list(cfg.milestones),
+        "lr_decay": LR_DECAY,
+        "optimizer": "SGD",
+        "train_transform": train,
+        "eval_transform": centre,
+        "image_size": cfg.image_size,
+        "eval_resize": cfg.eval_resize,
+        "hflip": bool(cfg.hflip) and cfg.protocol == "moco",
+        "crop_scale": [cfg.crop_scale_min, cfg.crop_scale_max] if cfg.protocol == "moco" else None,
+        "interpolation": "bilinear",
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "classifier": "linear on raw pooled features, weight ~ N(0, 0.01), bias 0",
+        "arithmetic": "linear layer in float64; features, linear layer and kNN on 1 CPU thread",
+        "backbone": "frozen, eval mode (BN statistics frozen)",
+        "reported": "last epoch",
+        "seed": cfg.seed,
+    }
 
 
 def load_splits(root: Path):
@@ -191,8 +222,8 @@ def load_splits(root: Path):
     if train.classes != val.classes:
         only_val = sorted(set(val.classes) - set(train.classes))
         only_train = sorted(set(train.classes) - set(val.classes))
-        raise UserError(f"train and val of {root} have different classes: only in val {only_val[:10]}, "
-                        f"only in train {only_train[:10]}")
+        raise UserError(
+            f"train and val of {root} have different classes: only in val {only_val[:10]}, "
+            f"only in train {only_train[:10]}"
+        )
     return train, val
-
-

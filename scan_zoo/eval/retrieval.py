@@ -11,13 +11,14 @@ top-k neighbours framed green (the query's class) or red (another class). Beside
 query and neighbour (index, path, label, similarity, pixel box) and each model's precision@k over the
 queries drawn and over the whole validation split.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,14 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------- retrieval
 @torch.no_grad()
-def retrieve(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
-             exclude_self: Optional[torch.Tensor] = None, chunk: int = 8192,
-             query_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieve(
+    query_feats: torch.Tensor,
+    gallery_feats: torch.Tensor,
+    k: int,
+    exclude_self: torch.Tensor | None = None,
+    chunk: int = 8192,
+    query_chunk: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` gallery items of each query by cosine similarity: ``(sims float32 [Q, k], idx int64 [Q, k])``.
 
     Features are L2-normalised here; rows are sorted by decreasing similarity. ``exclude_self`` (int64 [Q])
@@ -54,20 +60,22 @@ def retrieve(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
         raise ValueError(f"query features have dimension {q_all.shape[1]}, gallery features {gallery.shape[1]}")
     available = n - (1 if exclude_self is not None else 0)
     if not 1 <= k <= available:
-        raise ValueError(f"k = {k} neighbours asked of a gallery of {n} items"
-                         + (" (one excluded per query)" if exclude_self is not None else ""))
+        raise ValueError(
+            f"k = {k} neighbours asked of a gallery of {n} items"
+            + (" (one excluded per query)" if exclude_self is not None else "")
+        )
     if exclude_self is not None:
         exclude_self = torch.as_tensor(exclude_self, dtype=torch.long)
         assert exclude_self.shape == (len(q_all),), "exclude_self holds one gallery index per query"
     out_sims, out_idx = [], []
     for qlo in range(0, len(q_all), query_chunk):
-        q = q_all[qlo:qlo + query_chunk]  # [q, D]
+        q = q_all[qlo : qlo + query_chunk]  # [q, D]
         best_sims = torch.full((len(q), 0), float("-inf"))  # [q, <=k] running top-k
         best_idx = torch.zeros((len(q), 0), dtype=torch.long)
         for lo in range(0, n, chunk):
-            sims = q @ gallery[lo:lo + chunk].T  # [q, c]
+            sims = q @ gallery[lo : lo + chunk].T  # [q, c]
             if exclude_self is not None:
-                own = exclude_self[qlo:qlo + query_chunk] - lo  # [q] position of self in this chunk
+                own = exclude_self[qlo : qlo + query_chunk] - lo  # [q] position of self in this chunk
                 rows = ((own >= 0) & (own < sims.shape[1])).nonzero().flatten()
                 sims[rows, own[rows]] = float("-inf")
             s, i = sims.topk(min(k, sims.shape[1]), dim=1)  # [q, k']
@@ -144,32 +152,71 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-def model_features(ref: str, train, val, data: str, batch_size: int = 256, num_workers: int = 2,
-                   device: str = "cpu", progress: bool = True, name: Optional[str] = None) -> dict:
+def model_features(
+    ref: str,
+    train,
+    val,
+    data: str,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    device: str = "cpu",
+    progress: bool = True,
+    name: str | None = None,
+) -> dict:
     """Load ``ref`` and extract its pooled features of ``train`` and ``val`` under its evaluation transform.
 
     Returns ``{"train": [N, D], "val": [M, D], "weights", "preprocessing"}``.
     """
     backbone, description = load_backbone(ref)
     weights = Path(description) if Path(description).is_file() else None
-    cfg = probe.resolve_config(probe.ProbeConfig(num_workers=num_workers, progress=progress),
-                               probe.model_preprocessing(backbone, weights), data)
+    cfg = probe.resolve_config(
+        probe.ProbeConfig(num_workers=num_workers, progress=progress),
+        probe.model_preprocessing(backbone, weights),
+        data,
+    )
     transform = probe.eval_transform(cfg)
     backbone = backbone.to(device)
     name = name or display_name(ref)
-    train_feats, _ = extract_features(backbone, EvalImages(train, transform), batch_size, num_workers, device,
-                                      desc=f"{name}: train", progress=progress)  # [N, D]
-    val_feats, _ = extract_features(backbone, EvalImages(val, transform), batch_size, num_workers, device,
-                                    desc=f"{name}: val", progress=progress)  # [M, D]
-    return {"train": train_feats, "val": val_feats, "weights": description,
-            "preprocessing": {"image_size": cfg.image_size, "eval_resize": cfg.eval_resize,
-                              "mean": list(cfg.mean), "std": list(cfg.std)}}
+    train_feats, _ = extract_features(
+        backbone,
+        EvalImages(train, transform),
+        batch_size,
+        num_workers,
+        device,
+        desc=f"{name}: train",
+        progress=progress,
+    )  # [N, D]
+    val_feats, _ = extract_features(
+        backbone, EvalImages(val, transform), batch_size, num_workers, device, desc=f"{name}: val", progress=progress
+    )  # [M, D]
+    return {
+        "train": train_feats,
+        "val": val_feats,
+        "weights": description,
+        "preprocessing": {
+            "image_size": cfg.image_size,
+            "eval_resize": cfg.eval_resize,
+            "mean": list(cfg.mean),
+            "std": list(cfg.std),
+        },
+    }
 
 
-def run_retrieval(models: list[str], data: str = "digits", queries: int = 8, k: int = 3,
-                  out: Optional[Path] = None, seed: int = 0, data_cache: Optional[str] = None,
-                  num_workers: int = 2, *, names: Optional[list[str]] = None, batch_size: int = 256,
-                  device: str = "cpu", progress: bool = True) -> dict:
+def run_retrieval(
+    models: list[str],
+    data: str = "digits",
+    queries: int = 8,
+    k: int = 3,
+    out: Path | None = None,
+    seed: int = 0,
+    data_cache: str | None = None,
+    num_workers: int = 2,
+    *,
+    names: list[str] | None = None,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
     """Retrieve the train-split neighbours of ``queries`` val images with each model; write the PNG and JSON.
 
     ``models``: anything :func:`scan_zoo.models.loading.load_backbone` accepts, drawn in this order; ``names``
@@ -204,49 +251,95 @@ def run_retrieval(models: list[str], data: str = "digits", queries: int = 8, k: 
         p_all = precision_at_k(val_labels, train_labels[idx])
         sims, idx = sims[chosen_t], idx[chosen_t]  # [Q, k] the queries drawn
         p_shown = precision_at_k(val_labels[chosen_t], train_labels[idx])
-        logger.info("%s: precision@%d %.3f on all %d val images, %.3f on the %d shown", name, k, p_all,
-                    len(val), p_shown, len(chosen))
-        per_model.append({"name": name, "model": ref, "weights": feats["weights"],
-                          "preprocessing": feats["preprocessing"],
-                          "precision_at_k": {"shown": p_shown, "all_val": p_all, "val_images": len(val)},
-                          "sims": sims, "idx": idx})
+        logger.info(
+            "%s: precision@%d %.3f on all %d val images, %.3f on the %d shown",
+            name,
+            k,
+            p_all,
+            len(val),
+            p_shown,
+            len(chosen),
+        )
+        per_model.append(
+            {
+                "name": name,
+                "model": ref,
+                "weights": feats["weights"],
+                "preprocessing": feats["preprocessing"],
+                "precision_at_k": {"shown": p_shown, "all_val": p_all, "val_images": len(val)},
+                "sims": sims,
+                "idx": idx,
+            }
+        )
 
     layout = Layout(len(chosen), len(models), k)
     classes = [display_path(c) for c in train.classes]  # names escaped for the JSON and the captions
-    query_entries = [{"index": i, "path": display_path(val.samples[i][0]), "label": int(val_labels[i]),
-                      "class": classes[int(val_labels[i])], "box": list(layout.box(row))}
-                     for row, i in enumerate(chosen)]
+    query_entries = [
+        {
+            "index": i,
+            "path": display_path(val.samples[i][0]),
+            "label": int(val_labels[i]),
+            "class": classes[int(val_labels[i])],
+            "box": list(layout.box(row)),
+        }
+        for row, i in enumerate(chosen)
+    ]
     model_entries = []
     for m, pm in enumerate(per_model):
         rows = []
         for row, q in enumerate(chosen):
-            rows.append([{"index": int(j), "path": display_path(train.samples[int(j)][0]),
-                          "label": int(train_labels[j]),
-                          "class": classes[int(train_labels[j])], "similarity": float(s),
-                          "same_class": bool(train_labels[j] == val_labels[q]), "box": list(layout.box(row, m, r))}
-                         for r, (s, j) in enumerate(zip(pm["sims"][row], pm["idx"][row]))])
-        model_entries.append({key: pm[key] for key in ("name", "model", "weights", "preprocessing", "precision_at_k")}
-                             | {"neighbors": rows})
+            rows.append(
+                [
+                    {
+                        "index": int(j),
+                        "path": display_path(train.samples[int(j)][0]),
+                        "label": int(train_labels[j]),
+                        "class": classes[int(train_labels[j])],
+                        "similarity": float(s),
+                        "same_class": bool(train_labels[j] == val_labels[q]),
+                        "box": list(layout.box(row, m, r)),
+                    }
+                    for r, (s, j) in enumerate(zip(pm["sims"][row], pm["idx"][row]))
+                ]
+            )
+        model_entries.append(
+            {key: pm[key] for key in ("name", "model", "weights", "preprocessing", "precision_at_k")}
+            | {"neighbors": rows}
+        )
 
     grid = retrieval_grid(
         query_images=[open_image(val, val.samples[e["index"]][0]) for e in query_entries],
         query_captions=[f"class {e['class']}" for e in query_entries],
         query_labels=[e["label"] for e in query_entries],
         model_names=names,
-        neighbor_images=[[[open_image(train, train.samples[n["index"]][0]) for n in row] for row in me["neighbors"]]
-                         for me in model_entries],
+        neighbor_images=[
+            [[open_image(train, train.samples[n["index"]][0]) for n in row] for row in me["neighbors"]]
+            for me in model_entries
+        ],
         neighbor_labels=[[[n["label"] for n in row] for row in me["neighbors"]] for me in model_entries],
-        neighbor_captions=[[[f"{n['class']}  {n['similarity']:.3f}" for n in row] for row in me["neighbors"]]
-                           for me in model_entries],
+        neighbor_captions=[
+            [[f"{n['class']}  {n['similarity']:.3f}" for n in row] for row in me["neighbors"]] for me in model_entries
+        ],
         precision_shown=[me["precision_at_k"]["shown"] for me in model_entries],
         precision_all=[me["precision_at_k"]["all_val"] for me in model_entries],
-        total_queries=len(val))
+        total_queries=len(val),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
-    result = {"image": str(out), "image_size": list(grid.size), "data": data, "data_root": str(root),
-              "query_split": "val", "gallery_split": "train", "k": k, "seed": seed, "classes": list(classes),
-              "queries": query_entries, "models": model_entries,
-              "similarity": "cosine of L2-normalised pooled features, eval transform of eval_linear.py"}
+    result = {
+        "image": str(out),
+        "image_size": list(grid.size),
+        "data": data,
+        "data_root": str(root),
+        "query_split": "val",
+        "gallery_split": "train",
+        "k": k,
+        "seed": seed,
+        "classes": list(classes),
+        "queries": query_entries,
+        "models": model_entries,
+        "similarity": "cosine of L2-normalised pooled features, eval transform of eval_linear.py",
+    }
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -254,17 +347,27 @@ def run_retrieval(models: list[str], data: str = "digits", queries: int = 8, k: 
 # --------------------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> None:
     """Register ``scan-zoo retrieve`` on the CLI's sub-parsers."""
-    p = subparsers.add_parser("retrieve", help="figure of val queries and each model's top-k train neighbours "
-                              "(the SCAN paper's Fig. 1 / Fig. 4)")
-    p.add_argument("--models", nargs="+", required=True, help="models, one column group each, in this order: "
-                   "run/export directories, .safetensors files, or timm names with weights (arch.tag)")
+    p = subparsers.add_parser(
+        "retrieve",
+        help="figure of val queries and each model's top-k train neighbours (the SCAN paper's Fig. 1 / Fig. 4)",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        help="models, one column group each, in this order: "
+        "run/export directories, .safetensors files, or timm names with weights (arch.tag)",
+    )
     p.add_argument("--names", nargs="+", default=None, help="column headers (default: folder or timm names)")
     p.add_argument("--queries", type=int, default=8, help="val images to query, spread over the classes (default 8)")
     p.add_argument("--k", type=int, default=3, help="neighbours shown per model (default 3)")
     p.add_argument("--data", default="digits", help="ImageFolder root with train/ and val/, or 'digits'")
     p.add_argument("--data-cache", default=None, help="where 'digits' is rendered")
-    p.add_argument("--out", default=None, help="PNG to write; the JSON goes beside it (default "
-                   "runs/retrieval/<model names>/retrieval.png)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="PNG to write; the JSON goes beside it (default runs/retrieval/<model names>/retrieval.png)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the query choice (default 0)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=2)
@@ -273,13 +376,24 @@ def add_parser(subparsers) -> None:
 
 
 def _cmd_retrieve(args) -> int:
-    result = run_retrieval(args.models, data=args.data, queries=args.queries, k=args.k,
-                           out=Path(args.out) if args.out else None,
-                           seed=args.seed, data_cache=args.data_cache, num_workers=args.num_workers,
-                           names=args.names, batch_size=args.batch_size, device=args.device)
+    result = run_retrieval(
+        args.models,
+        data=args.data,
+        queries=args.queries,
+        k=args.k,
+        out=Path(args.out) if args.out else None,
+        seed=args.seed,
+        data_cache=args.data_cache,
+        num_workers=args.num_workers,
+        names=args.names,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
     for m in result["models"]:
         p = m["precision_at_k"]
-        print(f"{m['name']}: precision@{result['k']} {p['all_val']:.3f} on all {p['val_images']} val images, "
-              f"{p['shown']:.3f} on the {len(result['queries'])} shown")
+        print(
+            f"{m['name']}: precision@{result['k']} {p['all_val']:.3f} on all {p['val_images']} val images, "
+            f"{p['shown']:.3f} on the {len(result['queries'])} shown"
+        )
     print(f"retrieval figure written to {result['image']} (details in {Path(result['image']).with_suffix('.json')})")
     return 0

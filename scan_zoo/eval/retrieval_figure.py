@@ -4,11 +4,12 @@ One row per query: the query first, then each model's top-k neighbours framed gr
 red (another class), captioned with class and similarity; headers give each model's precision@k. The
 geometry is :class:`Layout`'s, so the JSON beside the PNG can record every image's pixel box.
 """
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageOps
 
@@ -69,15 +70,16 @@ class Layout:
     def size(self) -> tuple[int, int]:
         """``(width, height)`` of the PNG."""
         width = 2 * MARGIN + self.cell + self.models * (GROUP_GAP + self.group_width)
-        height = (self.top + self.rows * self.row_height + (self.rows - 1) * ROW_GAP + ROW_GAP
-                  + LEGEND_LINES * LINE + MARGIN)
+        height = (
+            self.top + self.rows * self.row_height + (self.rows - 1) * ROW_GAP + ROW_GAP + LEGEND_LINES * LINE + MARGIN
+        )
         return width, height
 
     def group_x(self, model: int) -> int:
         """x of the first neighbour of ``model``'s group."""
         return MARGIN + self.cell + GROUP_GAP + model * (GROUP_GAP + self.group_width)
 
-    def box(self, row: int, model: Optional[int] = None, rank: int = 0) -> tuple[int, int, int, int]:
+    def box(self, row: int, model: int | None = None, rank: int = 0) -> tuple[int, int, int, int]:
         """``(x0, y0, x1, y1)`` (x1, y1 exclusive) of a framed image: the query (``model`` None) or a neighbour."""
         y = self.top + row * (self.row_height + ROW_GAP)
         x = MARGIN if model is None else self.group_x(model) + rank * (self.cell + GAP)
@@ -117,11 +119,19 @@ def _framed(draw: ImageDraw.ImageDraw, canvas: Image.Image, img: Image.Image, bo
     canvas.paste(_tile(img, tile), (x0 + FRAME, y0 + FRAME))
 
 
-def retrieval_grid(query_images: Sequence[Image.Image], query_captions: Sequence[str], query_labels: Sequence[int],
-                   model_names: Sequence[str], neighbor_images: Sequence[Sequence[Sequence[Image.Image]]],
-                   neighbor_labels: Sequence[Sequence[Sequence[int]]], neighbor_captions: Sequence[Sequence[Sequence[str]]],
-                   precision_shown: Sequence[float], precision_all: Sequence[Optional[float]] = (),
-                   total_queries: Optional[int] = None, tile: int = TILE) -> Image.Image:
+def retrieval_grid(
+    query_images: Sequence[Image.Image],
+    query_captions: Sequence[str],
+    query_labels: Sequence[int],
+    model_names: Sequence[str],
+    neighbor_images: Sequence[Sequence[Sequence[Image.Image]]],
+    neighbor_labels: Sequence[Sequence[Sequence[int]]],
+    neighbor_captions: Sequence[Sequence[Sequence[str]]],
+    precision_shown: Sequence[float],
+    precision_all: Sequence[float | None] = (),
+    total_queries: int | None = None,
+    tile: int = TILE,
+) -> Image.Image:
     """The figure as a PIL image (:func:`scan_zoo.eval.retrieval.run_retrieval` draws it and writes the JSON).
 
     ``neighbor_*[m][q][r]``: model ``m``, query ``q``, rank ``r``. Frames are :data:`GREEN` where the

@@ -63,12 +63,12 @@ Choices, task by task:
 - **Seeds.** Every head's initialisation and data order derive from ``(seed, task)``, under a forked
   RNG (the caller's random state is untouched); the same seed and weights give the same numbers.
 """
+
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 from scan_zoo.data import datasets as data_lib
 from scan_zoo.eval import probe
@@ -88,9 +88,16 @@ __all__ = ["TASKS", "TransferConfig", "transfer_scores"]
 
 
 # ----------------------------------------------------------------------------------------------- suite
-def transfer_scores(model_ref: str, data_root: str | Path = "digits", seed: int = 0,
-                    cfg: Optional[TransferConfig] = None, *, arch: Optional[str] = None, device="cpu",
-                    data_cache: Optional[str] = None) -> dict:
+def transfer_scores(
+    model_ref: str,
+    data_root: str | Path = "digits",
+    seed: int = 0,
+    cfg: TransferConfig | None = None,
+    *,
+    arch: str | None = None,
+    device="cpu",
+    data_cache: str | None = None,
+) -> dict:
     """The four transfer tasks for one frozen backbone on the digit scenes (see the module docstring).
 
     ``data_root``: a rendered digit-scenes tree (with ``metadata.npz``) or ``"digits"`` (the cached one,
@@ -99,8 +106,11 @@ def transfer_scores(model_ref: str, data_root: str | Path = "digits", seed: int 
     """
     cfg = cfg or TransferConfig()
     start = time.perf_counter()
-    root = data_lib.resolve_data_root(str(data_root), data_cache, progress=cfg.progress) \
-        if str(data_root) == "digits" else Path(data_root)
+    root = (
+        data_lib.resolve_data_root(str(data_root), data_cache, progress=cfg.progress)
+        if str(data_root) == "digits"
+        else Path(data_root)
+    )
     info_file = root / "digits.json"
     size = json.loads(info_file.read_text()).get("size", 32) if info_file.is_file() else 32
     train, val = probe.load_splits(root)
@@ -108,10 +118,18 @@ def transfer_scores(model_ref: str, data_root: str | Path = "digits", seed: int 
 
     backbone, description = load_backbone(model_ref, arch=arch)
     weights = Path(description) if Path(description).is_file() else None
-    probe_cfg = probe.ProbeConfig(protocol="cached", epochs=cfg.probe_epochs, milestones=cfg.probe_milestones,
-                                  image_size=size, eval_resize=size, num_workers=cfg.num_workers,
-                                  extract_batch_size=cfg.extract_batch_size, cache_dir=cfg.cache_dir,
-                                  progress=cfg.progress, seed=seed)
+    probe_cfg = probe.ProbeConfig(
+        protocol="cached",
+        epochs=cfg.probe_epochs,
+        milestones=cfg.probe_milestones,
+        image_size=size,
+        eval_resize=size,
+        num_workers=cfg.num_workers,
+        extract_batch_size=cfg.extract_batch_size,
+        cache_dir=cfg.cache_dir,
+        progress=cfg.progress,
+        seed=seed,
+    )
     probe_cfg = probe.resolve_config(probe_cfg, probe.model_preprocessing(backbone, weights), "digits")
     backbone = backbone.to(device).eval()
     before = probe.snapshot(backbone)
@@ -125,9 +143,18 @@ def transfer_scores(model_ref: str, data_root: str | Path = "digits", seed: int 
     feature_model, unused = features_only_model(backbone)
     feature_model = feature_model.to(device)
     tf = probe.eval_transform(probe_cfg)
-    levels = {split: extract_multiscale(feature_model, data_lib.EvalImages(ds, tf), cfg.extract_batch_size,
-                                        cfg.num_workers, device, cfg.progress, f"{split} multi-scale features")
-              for split, ds in (("train", train), ("val", val))}
+    levels = {
+        split: extract_multiscale(
+            feature_model,
+            data_lib.EvalImages(ds, tf),
+            cfg.extract_batch_size,
+            cfg.num_workers,
+            device,
+            cfg.progress,
+            f"{split} multi-scale features",
+        )
+        for split, ds in (("train", train), ("val", val))
+    }
     seconds["multiscale_features"] = time.perf_counter() - t
     probe.assert_unchanged(backbone, before)
 
@@ -136,20 +163,42 @@ def transfer_scores(model_ref: str, data_root: str | Path = "digits", seed: int 
     out.update(semantic_task(feats, len(train.classes), probe_cfg, seed))
     seconds["semantic"] = time.perf_counter() - t
     t = time.perf_counter()
-    out.update(appearance_task(feats["train_features"], t_train["appearance"], t_train["glyph"], feats["val_features"],
-                               t_val["appearance"], cfg, seed))
+    out.update(
+        appearance_task(
+            feats["train_features"],
+            t_train["appearance"],
+            t_train["glyph"],
+            feats["val_features"],
+            t_val["appearance"],
+            cfg,
+            seed,
+        )
+    )
     seconds["appearance"] = time.perf_counter() - t
     t = time.perf_counter()
-    out.update(box_task(feats["train_features"], t_train["bbox"], feats["val_features"], t_val["bbox"], size, cfg, seed))
+    out.update(
+        box_task(feats["train_features"], t_train["bbox"], feats["val_features"], t_val["bbox"], size, cfg, seed)
+    )
     seconds["localisation"] = time.perf_counter() - t
     t = time.perf_counter()
     out.update(seg_task(levels["train"], t_train["mask"], levels["val"], t_val["mask"], cfg, seed))
     seconds["segmentation"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - start
-    out.update({"seconds": seconds, "seed": seed, "settings": cfg.to_dict(), "model": str(model_ref),
-                "weights": description, "architecture": backbone.pretrained_cfg.get("architecture"),
-                "feature_dim": int(feats["train_features"].shape[1]), "train_images": len(train),
-                "val_images": len(val), "image_size": size, "data_root": str(root),
-                "feature_cache": {"path": feats["cache_path"], "hit": feats["cache_hit"]},
-                "features_only_unused_keys": unused})
+    out.update(
+        {
+            "seconds": seconds,
+            "seed": seed,
+            "settings": cfg.to_dict(),
+            "model": str(model_ref),
+            "weights": description,
+            "architecture": backbone.pretrained_cfg.get("architecture"),
+            "feature_dim": int(feats["train_features"].shape[1]),
+            "train_images": len(train),
+            "val_images": len(val),
+            "image_size": size,
+            "data_root": str(root),
+            "feature_cache": {"path": feats["cache_path"], "hit": feats["cache_hit"]},
+            "features_only_unused_keys": unused,
+        }
+    )
     return out

@@ -1,12 +1,13 @@
 """The transfer suite's four tasks: their settings, the digit scenes' targets, the heads and how each is
 fitted and scored on frozen features (the choices: :mod:`scan_zoo.eval.transfer`)."""
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -45,18 +46,24 @@ class TransferConfig:
     seg_epochs: int = 5  # (d)
     seg_lr: float = 1e-2  # (d) AdamW
     seg_batch_size: int = 128  # (d)
-    seg_train_images: Optional[int] = None  # (d) use at most this many train images (None: all)
+    seg_train_images: int | None = None  # (d) use at most this many train images (None: all)
     weight_decay: float = 1e-4  # (c, d) AdamW weight decay
     extract_batch_size: int = 256  # feature extraction
     num_workers: int = 2  # DataLoader workers of feature extraction
-    cache_dir: Optional[str] = None  # pooled-feature cache (default: the linear probe's)
+    cache_dir: str | None = None  # pooled-feature cache (default: the linear probe's)
     progress: bool = False  # tqdm bars
 
     @classmethod
     def quick(cls, **kwargs) -> "TransferConfig":
         """Tiny budgets for smoke tests: numbers are not meaningful, only the machinery is exercised."""
-        base = dict(probe_epochs=5, probe_milestones=(3, 4), box_epochs=3, seg_epochs=1, seg_train_images=512,
-                    ridge_alphas=(1e-2, 1.0))
+        base = dict(
+            probe_epochs=5,
+            probe_milestones=(3, 4),
+            box_epochs=3,
+            seg_epochs=1,
+            seg_train_images=512,
+            ridge_alphas=(1e-2, 1.0),
+        )
         return cls(**{**base, **kwargs})
 
     def to_dict(self) -> dict:
@@ -73,25 +80,37 @@ def digit_targets(root: Path, dataset, size: int) -> dict:
     scale, fg R, G, B, bg R, G, B (0..255).
     """
     if not (Path(root) / META_FILE).is_file():
-        raise UserError(f"{root} has no {META_FILE}: the transfer suite needs the digit scenes "
-                        "(`scan-zoo data digits` or data 'digits')")
+        raise UserError(
+            f"{root} has no {META_FILE}: the transfer suite needs the digit scenes "
+            "(`scan-zoo data digits` or data 'digits')"
+        )
     meta = load_metadata(root)
     row_of = {p: i for i, p in enumerate(meta["path"].tolist())}
     rel = [Path(p).relative_to(root).as_posix() for p, _ in dataset.samples]
     missing = [r for r in rel if r not in row_of]
     if missing:
-        raise UserError(f"{len(missing)} images of {root} are not in its {META_FILE} (e.g. {missing[0]}): "
-                        "render the scenes again")
+        raise UserError(
+            f"{len(missing)} images of {root} are not in its {META_FILE} (e.g. {missing[0]}): render the scenes again"
+        )
     rows = np.array([row_of[r] for r in rel])
     if meta["mask"].shape[1:] != (size, size):
         raise UserError(f"masks of {root} are {meta['mask'].shape[1:]}, images are {size} px")
-    appearance = np.concatenate([meta["position"][rows].astype(np.float64), meta["scale"][rows, None].astype(np.float64),
-                                 meta["fg"][rows].astype(np.float64), meta["bg"][rows].astype(np.float64)], 1)
-    return {"glyph": torch.as_tensor(meta["glyph"][rows]).long(),
-            "label": torch.as_tensor(meta["label"][rows]).long(),
-            "appearance": torch.as_tensor(appearance),  # [N, 9]
-            "bbox": torch.as_tensor(meta["bbox"][rows].astype(np.float32)),  # [N, 4]
-            "mask": torch.as_tensor(meta["mask"][rows]).long()}  # [N, H, W]
+    appearance = np.concatenate(
+        [
+            meta["position"][rows].astype(np.float64),
+            meta["scale"][rows, None].astype(np.float64),
+            meta["fg"][rows].astype(np.float64),
+            meta["bg"][rows].astype(np.float64),
+        ],
+        1,
+    )
+    return {
+        "glyph": torch.as_tensor(meta["glyph"][rows]).long(),
+        "label": torch.as_tensor(meta["label"][rows]).long(),
+        "appearance": torch.as_tensor(appearance),  # [N, 9]
+        "bbox": torch.as_tensor(meta["bbox"][rows].astype(np.float32)),  # [N, 4]
+        "mask": torch.as_tensor(meta["mask"][rows]).long(),
+    }  # [N, H, W]
 
 
 # ---------------------------------------------------------------------------------------------- heads
@@ -115,8 +134,13 @@ class SegHead(nn.Module):
     multi-scale features make linearly decodable, as the pooled linear probe does for classes.
     """
 
-    def __init__(self, channels: Sequence[int], stats: Sequence[tuple[torch.Tensor, torch.Tensor]], size: int,
-                 num_classes: int = 2):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        stats: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        size: int,
+        num_classes: int = 2,
+    ):
         super().__init__()
         self.size = size
         self.lateral = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in channels)
@@ -136,8 +160,9 @@ def _task_seed(seed: int, task: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed},{task},transfer".encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _fit(head: nn.Module, n: int, step, epochs: int, batch_size: int, lr: float, weight_decay: float,
-         seed: int) -> float:
+def _fit(
+    head: nn.Module, n: int, step, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int
+) -> float:
     """AdamW over ``epochs`` seeded shuffles of ``range(n)``; ``step(idx)`` returns the batch loss. Last epoch's mean loss."""
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
@@ -147,7 +172,7 @@ def _fit(head: nn.Module, n: int, step, epochs: int, batch_size: int, lr: float,
         perm = torch.randperm(n, generator=g)
         loss_sum, seen = 0.0, 0
         for lo in range(0, n, batch_size):
-            idx = perm[lo:lo + batch_size]
+            idx = perm[lo : lo + batch_size]
             loss = step(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -170,20 +195,34 @@ def semantic_task(feats: dict, num_classes: int, probe_cfg, seed: int) -> dict:
     def epochs(epoch):
         return probe.cached_batches(f_train, y_train, cfg.batch_size, cfg.seed, epoch)
 
-    _, history = probe.fit_linear(epochs, f_train.shape[1], num_classes, feats["val_features"], feats["val_labels"], cfg,
-                                  dtype=torch.float32)
-    knn = evaluation.topk_accuracy(evaluation.knn_classify(f_train, y_train, feats["val_features"], num_classes,
-                                                           cfg.knn_k, cfg.knn_temperature), feats["val_labels"])
-    return {"semantic_top1": history[-1]["top1"], "semantic_top5": history[-1]["top5"],
-            "semantic_knn_top1": knn["top1"], "probe": probe.protocol_settings(cfg)}
+    _, history = probe.fit_linear(
+        epochs, f_train.shape[1], num_classes, feats["val_features"], feats["val_labels"], cfg, dtype=torch.float32
+    )
+    knn = evaluation.topk_accuracy(
+        evaluation.knn_classify(f_train, y_train, feats["val_features"], num_classes, cfg.knn_k, cfg.knn_temperature),
+        feats["val_labels"],
+    )
+    return {
+        "semantic_top1": history[-1]["top1"],
+        "semantic_top5": history[-1]["top5"],
+        "semantic_knn_top1": knn["top1"],
+        "probe": probe.protocol_settings(cfg),
+    }
 
 
-def appearance_task(f_train: torch.Tensor, y_train: torch.Tensor, glyph_train: torch.Tensor, f_val: torch.Tensor,
-                    y_val: torch.Tensor, cfg: TransferConfig, seed: int) -> dict:
+def appearance_task(
+    f_train: torch.Tensor,
+    y_train: torch.Tensor,
+    glyph_train: torch.Tensor,
+    f_val: torch.Tensor,
+    y_val: torch.Tensor,
+    cfg: TransferConfig,
+    seed: int,
+) -> dict:
     """(b) Ridge regression of the 9 appearance targets; lambda chosen on held-out train glyphs."""
     glyphs = torch.unique(glyph_train)
     g = torch.Generator().manual_seed(_task_seed(seed, "appearance"))
-    held = glyphs[torch.randperm(len(glyphs), generator=g)[:max(1, int(round(cfg.holdout_fraction * len(glyphs))))]]
+    held = glyphs[torch.randperm(len(glyphs), generator=g)[: max(1, int(round(cfg.holdout_fraction * len(glyphs))))]]
     hold = torch.isin(glyph_train, held)  # [N] bool
 
     def standardise(x_fit, *others):
@@ -195,20 +234,31 @@ def appearance_task(f_train: torch.Tensor, y_train: torch.Tensor, glyph_train: t
     alpha, scores = ridge_select(xf, yf, xh, yh, cfg.ridge_alphas)
     x_all, x_val = standardise(f_train, f_val)
     y_all, y_val_s = standardise(y_train, y_val)
-    (w, b), = ridge_fit(x_all, y_all, [alpha * len(x_all)])
+    ((w, b),) = ridge_fit(x_all, y_all, [alpha * len(x_all)])
     r2 = r2_score(x_val @ w + b, y_val_s)  # [9]; invariant to the targets' standardisation
     by_factor, col = {}, 0
     for name, width in APPEARANCE_FACTORS:
-        by_factor[name] = 100.0 * r2[col:col + width].mean().item()
+        by_factor[name] = 100.0 * r2[col : col + width].mean().item()
         col += width
-    return {"appearance_r2": 100.0 * r2.mean().item(), "appearance_r2_by_factor": by_factor,
-            "appearance_r2_per_target": [100.0 * v for v in r2.tolist()], "appearance_alpha": alpha,
-            "appearance_lambda": alpha * len(x_all),
-            "appearance_holdout_r2": dict(zip([f"{a:g}" for a in cfg.ridge_alphas], [100.0 * s for s in scores]))}
+    return {
+        "appearance_r2": 100.0 * r2.mean().item(),
+        "appearance_r2_by_factor": by_factor,
+        "appearance_r2_per_target": [100.0 * v for v in r2.tolist()],
+        "appearance_alpha": alpha,
+        "appearance_lambda": alpha * len(x_all),
+        "appearance_holdout_r2": dict(zip([f"{a:g}" for a in cfg.ridge_alphas], [100.0 * s for s in scores])),
+    }
 
 
-def box_task(f_train: torch.Tensor, box_train: torch.Tensor, f_val: torch.Tensor, box_val: torch.Tensor,
-             size: int, cfg: TransferConfig, seed: int) -> dict:
+def box_task(
+    f_train: torch.Tensor,
+    box_train: torch.Tensor,
+    f_val: torch.Tensor,
+    box_val: torch.Tensor,
+    size: int,
+    cfg: TransferConfig,
+    seed: int,
+) -> dict:
     """(c) 2-layer MLP from pooled features to the glyph box; mean IoU on val."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_task_seed(seed, "box"))
@@ -219,8 +269,16 @@ def box_task(f_train: torch.Tensor, box_train: torch.Tensor, f_val: torch.Tensor
     def step(idx):
         return F.l1_loss(head(x[idx]), target[idx])
 
-    loss = _fit(head, len(x), step, cfg.box_epochs, cfg.box_batch_size, cfg.box_lr, cfg.weight_decay,
-                _task_seed(seed, "box-order"))
+    loss = _fit(
+        head,
+        len(x),
+        step,
+        cfg.box_epochs,
+        cfg.box_batch_size,
+        cfg.box_lr,
+        cfg.weight_decay,
+        _task_seed(seed, "box-order"),
+    )
     with torch.no_grad():
         p = head(f_val.float()).double() * size  # [M, 4] pixels
     xs, _ = torch.sort(p[:, [0, 2]], dim=1)
@@ -230,13 +288,19 @@ def box_task(f_train: torch.Tensor, box_train: torch.Tensor, f_val: torch.Tensor
     return {"box_iou": 100.0 * iou.mean().item(), "box_train_l1": loss}
 
 
-def seg_task(train_levels: list[torch.Tensor], mask_train: torch.Tensor, val_levels: list[torch.Tensor],
-             mask_val: torch.Tensor, cfg: TransferConfig, seed: int) -> dict:
+def seg_task(
+    train_levels: list[torch.Tensor],
+    mask_train: torch.Tensor,
+    val_levels: list[torch.Tensor],
+    mask_val: torch.Tensor,
+    cfg: TransferConfig,
+    seed: int,
+) -> dict:
     """(d) Linear multi-scale head, cross-entropy against the glyph mask; dataset-level mIoU on val."""
     n = len(mask_train)
     if cfg.seg_train_images is not None and cfg.seg_train_images < n:
         g = torch.Generator().manual_seed(_task_seed(seed, "seg-subset"))
-        keep = torch.randperm(n, generator=g)[:cfg.seg_train_images].sort().values
+        keep = torch.randperm(n, generator=g)[: cfg.seg_train_images].sort().values
         train_levels, mask_train, n = [f[keep] for f in train_levels], mask_train[keep], len(keep)
     size = mask_train.shape[-1]
     stats = []
@@ -251,12 +315,17 @@ def seg_task(train_levels: list[torch.Tensor], mask_train: torch.Tensor, val_lev
     def step(idx):
         return F.cross_entropy(head([f[idx] for f in train_levels]), mask_train[idx])
 
-    loss = _fit(head, n, step, cfg.seg_epochs, cfg.seg_batch_size, cfg.seg_lr, cfg.weight_decay,
-                _task_seed(seed, "seg-order"))
+    loss = _fit(
+        head, n, step, cfg.seg_epochs, cfg.seg_batch_size, cfg.seg_lr, cfg.weight_decay, _task_seed(seed, "seg-order")
+    )
     preds = []
     with torch.no_grad():
         for lo in range(0, len(mask_val), 256):
-            preds.append(head([f[lo:lo + 256] for f in val_levels]).argmax(1))  # [b, H, W]
+            preds.append(head([f[lo : lo + 256] for f in val_levels]).argmax(1))  # [b, H, W]
     miou, per_class = mean_iou(torch.cat(preds), mask_val, len(SEG_CLASSES))
-    return {"seg_miou": 100.0 * miou, "seg_iou_by_class": dict(zip(SEG_CLASSES, [100.0 * v for v in per_class])),
-            "seg_train_ce": loss, "seg_levels": [list(f.shape[1:]) for f in train_levels]}
+    return {
+        "seg_miou": 100.0 * miou,
+        "seg_iou_by_class": dict(zip(SEG_CLASSES, [100.0 * v for v in per_class])),
+        "seg_train_ce": loss,
+        "seg_levels": [list(f.shape[1:]) for f in train_levels],
+    }

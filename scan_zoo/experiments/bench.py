@@ -36,6 +36,7 @@ sha256 and the head settings) is not scored again. A run directory holding a run
 refused rather than mixed. ``--quick`` trains a few steps per method with tiny heads, one seed: a smoke
 test of the machinery, not a measurement.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,32 +49,50 @@ from scan_zoo.experiments.transfer_bench import format_table, run_transfer_bench
 
 def add_parser(subparsers) -> None:
     """Register ``scan-zoo bench transfer`` and ``scan-zoo bench k-ablation`` on the CLI's sub-parsers."""
-    p = subparsers.add_parser("bench", help="benchmarks on the digit scenes: transfer suite (Table 1), K ablation (Fig. 3)")
+    p = subparsers.add_parser(
+        "bench", help="benchmarks on the digit scenes: transfer suite (Table 1), K ablation (Fig. 3)"
+    )
     sub = p.add_subparsers(dest="bench", required=True)
     t = sub.add_parser("transfer", help="train every method for every seed, score the transfer suite, table + chart")
     t.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods (default: all five)")
     t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training and head seeds (default 0 1 2)")
     t.add_argument("--out", default="runs/bench/transfer", help="run directories, results.json, transfer.png")
-    t.add_argument("--merge", default=None, metavar="RESULTS_JSON",
-                   help="add --methods to this finished results.json (its other methods kept, not retrained); "
-                        "the merged result goes to OUT")
+    t.add_argument(
+        "--merge",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="add --methods to this finished results.json (its other methods kept, not retrained); "
+        "the merged result goes to OUT",
+    )
     _common(t)
     t.set_defaults(func=_cmd_transfer)
     k = sub.add_parser("k-ablation", help="SCAN at several K from one MoCo run, equal budgets; scores + line plot")
-    k.add_argument("--ks", nargs="+", default=["0", "1", "2", "4", "8", "all"],
-                   help="values of K; 'all' = every same-class image (supcon with SCAN's schedule)")
+    k.add_argument(
+        "--ks",
+        nargs="+",
+        default=["0", "1", "2", "4", "8", "all"],
+        help="values of K; 'all' = every same-class image (supcon with SCAN's schedule)",
+    )
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--out", default="runs/bench/k_ablation", help="run directories, results.json, k_ablation.png")
-    k.add_argument("--moco-run", default=None, help="a finished MoCo run to start from (default: train one from "
-                   "digits_moco.yaml into OUT/seed<seed>/moco)")
+    k.add_argument(
+        "--moco-run",
+        default=None,
+        help="a finished MoCo run to start from (default: train one from digits_moco.yaml into OUT/seed<seed>/moco)",
+    )
     _common(k)
     k.set_defaults(func=_cmd_k_ablation)
 
 
 def _common(p) -> None:
-    p.add_argument("--recipes-dir", default=None,
-                   help="folder of digits_<method>.yaml (default: the recipes shipped in scan_zoo/recipes)")
-    p.add_argument("--quick", action="store_true", help=f"smoke test: one seed, {QUICK_STEPS} steps per run, tiny heads")
+    p.add_argument(
+        "--recipes-dir",
+        default=None,
+        help="folder of digits_<method>.yaml (default: the recipes shipped in scan_zoo/recipes)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help=f"smoke test: one seed, {QUICK_STEPS} steps per run, tiny heads"
+    )
     p.add_argument("--data-cache", default=None, help="where 'digits' is rendered (default ~/.cache/scan_zoo/digits)")
     p.add_argument("--num-workers", type=int, default=2)
 
@@ -88,35 +107,79 @@ def _command(args, name: str, flags: dict) -> str:
     for flag, value in flags.items():
         if value is None or value is False:
             continue
-        parts.append(flag if value is True else f"{flag} " + (" ".join(map(str, value)) if isinstance(value, list)
-                                                              else str(value)))
+        parts.append(
+            flag
+            if value is True
+            else f"{flag} " + (" ".join(map(str, value)) if isinstance(value, list) else str(value))
+        )
     return " ".join(parts)
 
 
 def _cmd_transfer(args) -> int:
     _logging()
-    command = _command(args, "transfer", {"--methods": args.methods, "--seeds": args.seeds, "--out": args.out,
-                                          "--recipes-dir": args.recipes_dir, "--quick": args.quick,
-                                          "--data-cache": args.data_cache, "--merge": args.merge})
-    result = run_transfer_bench(args.methods, args.seeds, args.out, args.recipes_dir, args.quick, args.data_cache,
-                                args.num_workers, command, merge=args.merge)
-    print(f"\nTransfer on the digit scenes ({len(result['seeds'])} seed(s){', QUICK' if result['quick'] else ''}); "
-          "mean +- std over seeds, * = best:")
+    command = _command(
+        args,
+        "transfer",
+        {
+            "--methods": args.methods,
+            "--seeds": args.seeds,
+            "--out": args.out,
+            "--recipes-dir": args.recipes_dir,
+            "--quick": args.quick,
+            "--data-cache": args.data_cache,
+            "--merge": args.merge,
+        },
+    )
+    result = run_transfer_bench(
+        args.methods,
+        args.seeds,
+        args.out,
+        args.recipes_dir,
+        args.quick,
+        args.data_cache,
+        args.num_workers,
+        command,
+        merge=args.merge,
+    )
+    print(
+        f"\nTransfer on the digit scenes ({len(result['seeds'])} seed(s){', QUICK' if result['quick'] else ''}); "
+        "mean +- std over seeds, * = best:"
+    )
     print(format_table(result["summary"], result["methods"]))
-    print(f"\nresults: {Path(args.out) / 'results.json'}; chart: {result['chart']} "
-          f"({result['total_seconds']:.0f} s)")
+    print(f"\nresults: {Path(args.out) / 'results.json'}; chart: {result['chart']} ({result['total_seconds']:.0f} s)")
     return 0
 
 
 def _cmd_k_ablation(args) -> int:
     _logging()
-    command = _command(args, "k-ablation", {"--ks": args.ks, "--seed": args.seed, "--out": args.out,
-                                            "--moco-run": args.moco_run, "--recipes-dir": args.recipes_dir,
-                                            "--quick": args.quick, "--data-cache": args.data_cache})
-    result = run_k_ablation(args.ks, args.seed, args.out, args.recipes_dir, args.moco_run, args.quick,
-                            args.data_cache, args.num_workers, command)
-    print(f"\nSCAN K ablation (seed {result['seed']}, {result['budget']['steps']} steps per K"
-          f"{', QUICK' if result['quick'] else ''}):")
+    command = _command(
+        args,
+        "k-ablation",
+        {
+            "--ks": args.ks,
+            "--seed": args.seed,
+            "--out": args.out,
+            "--moco-run": args.moco_run,
+            "--recipes-dir": args.recipes_dir,
+            "--quick": args.quick,
+            "--data-cache": args.data_cache,
+        },
+    )
+    result = run_k_ablation(
+        args.ks,
+        args.seed,
+        args.out,
+        args.recipes_dir,
+        args.moco_run,
+        args.quick,
+        args.data_cache,
+        args.num_workers,
+        command,
+    )
+    print(
+        f"\nSCAN K ablation (seed {result['seed']}, {result['budget']['steps']} steps per K"
+        f"{', QUICK' if result['quick'] else ''}):"
+    )
     print(format_k_table(result))
     print(f"\nresults: {Path(args.out) / 'results.json'}; chart: {result['chart']} ({result['total_seconds']:.0f} s)")
     return 0

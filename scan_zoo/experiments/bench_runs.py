@@ -1,5 +1,6 @@
 """What the benchmarks share: the methods and their recipes, training one run and scoring it (both resumable),
 and summaries over seeds. See :mod:`scan_zoo.experiments.bench` for what the benchmarks measure."""
+
 from __future__ import annotations
 
 import datetime
@@ -10,7 +11,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import yaml
@@ -40,7 +41,6 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-
 def recipes_root(recipes_dir: str | Path | None) -> Path:
     """``recipes_dir`` as given, or (None) the recipes shipped in the package."""
     return RECIPES_DIR if recipes_dir is None else Path(recipes_dir)
@@ -67,19 +67,19 @@ def _config_record(cfg) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in MACHINE_KEYS}
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None with fewer than two values)."""
     values = [float(v) for v in values]
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def fmt(mean: Optional[float], std: Optional[float], digits: int = 2) -> str:
+def fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
     if mean is None:
         return "-"
     return f"{mean:.{digits}f}" + (f" +- {std:.{digits}f}" if std is not None else "")
 
 
-def train_run(layers: list[dict], run_dir: Path, command: str, init_from: Optional[str] = None) -> dict:
+def train_run(layers: list[dict], run_dir: Path, command: str, init_from: str | None = None) -> dict:
     """Train (or resume) one run into ``run_dir``; a finished run of the same config is returned as it is.
 
     ``init_from`` initialises a ``supcon`` run's encoders from a label-free model (the K = all arm);
@@ -98,8 +98,9 @@ def train_run(layers: list[dict], run_dir: Path, command: str, init_from: Option
         old = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k not in MACHINE_KEYS}
         if old != want:
             diff = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
-            raise UserError(f"{run_dir} holds a run of another config (differs in {diff}): "
-                            "choose another --out or delete it")
+            raise UserError(
+                f"{run_dir} holds a run of another config (differs in {diff}): choose another --out or delete it"
+            )
     start = time.perf_counter()
     if init_from is not None:
         if cfg.method != "supcon":
@@ -112,16 +113,27 @@ def train_run(layers: list[dict], run_dir: Path, command: str, init_from: Option
         summary = run_training(cfg)
     if not summary["finished"]:
         raise UserError(f"{run_dir} stopped at step {summary['steps']}: run the bench again to continue")
-    done = {"method": cfg.method, "seed": cfg.seed, "steps": summary["steps"], "epochs": summary["epochs"],
-            "train_seconds": time.perf_counter() - start, "finished_at": now(), "command": command,
-            "weights": str(run_dir / "model.safetensors"), "config": want}
+    done = {
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "steps": summary["steps"],
+        "epochs": summary["epochs"],
+        "train_seconds": time.perf_counter() - start,
+        "finished_at": now(),
+        "command": command,
+        "weights": str(run_dir / "model.safetensors"),
+        "config": want,
+    }
     write_json(done_file, done)
     return {**done, "trained_now": True}
 
 
 def _settings_key(tcfg: TransferConfig) -> dict:
-    return {k: v for k, v in tcfg.to_dict().items() if k not in ("cache_dir", "progress", "num_workers",
-                                                                   "extract_batch_size")}
+    return {
+        k: v
+        for k, v in tcfg.to_dict().items()
+        if k not in ("cache_dir", "progress", "num_workers", "extract_batch_size")
+    }
 
 
 def score_run(run_dir: Path, data_root: Path, seed: int, tcfg: TransferConfig) -> dict:
@@ -131,8 +143,11 @@ def score_run(run_dir: Path, data_root: Path, seed: int, tcfg: TransferConfig) -
     if path.is_file():
         old = json.loads(path.read_text())
         want = _settings_key(tcfg)
-        if old.get("weights_sha256") == digest and old.get("seed") == seed and \
-                {k: (old.get("settings") or {}).get(k) for k in want} == want:
+        if (
+            old.get("weights_sha256") == digest
+            and old.get("seed") == seed
+            and {k: (old.get("settings") or {}).get(k) for k in want} == want
+        ):
             logger.info("%s: scored before, not scored again", run_dir)
             return old
     scores = transfer_scores(str(run_dir), data_root, seed, tcfg)
@@ -148,9 +163,14 @@ def data_root(layers: list[dict]) -> Path:
 
 def machine() -> dict:
 
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "cpus": os.cpu_count()}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "cpus": os.cpu_count(),
+    }
 
 
 def summarise(runs: list[dict], methods: Sequence[str]) -> dict:
@@ -162,8 +182,13 @@ def summarise(runs: list[dict], methods: Sequence[str]) -> dict:
             rows = [r for r in runs if r["method"] == m and r.get("scores")]
             if rows:
                 mean, std = mean_std([r["scores"][key] for r in rows])
-                out[key][m] = {"values": [r["scores"][key] for r in rows], "seeds": [r["seed"] for r in rows],
-                               "mean": mean, "std": std, "n": len(rows)}
+                out[key][m] = {
+                    "values": [r["scores"][key] for r in rows],
+                    "seeds": [r["seed"] for r in rows],
+                    "mean": mean,
+                    "std": std,
+                    "n": len(rows),
+                }
     return out
 
 
@@ -173,6 +198,13 @@ def winners(summary: dict) -> dict:
 
 
 def details(scores: dict) -> dict:
-    keep = ("semantic_top5", "semantic_knn_top1", "appearance_r2_by_factor", "appearance_alpha", "box_train_l1",
-            "seg_iou_by_class", "seg_train_ce")
+    keep = (
+        "semantic_top5",
+        "semantic_knn_top1",
+        "appearance_r2_by_factor",
+        "appearance_alpha",
+        "box_train_l1",
+        "seg_iou_by_class",
+        "seg_train_ce",
+    )
     return {k: scores[k] for k in keep if k in scores}

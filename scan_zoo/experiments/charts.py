@@ -1,4 +1,5 @@
 """The benchmarks' figures, drawn with Pillow: grouped transfer bars and the K-ablation panels."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,13 @@ from scan_zoo.eval import figures
 from scan_zoo.eval.transfer import TASKS
 from scan_zoo.experiments.bench_runs import LABELS
 
-COLOURS = {"supervised": (120, 120, 120), "moco": (66, 133, 244), "supcon": (244, 160, 0), "scan": (219, 68, 55),
-           "dsc": (15, 157, 88)}
+COLOURS = {
+    "supervised": (120, 120, 120),
+    "moco": (66, 133, 244),
+    "supcon": (244, 160, 0),
+    "scan": (219, 68, 55),
+    "dsc": (15, 157, 88),
+}
 TASK_COLOURS = [(66, 133, 244), (219, 68, 55), (15, 157, 88), (171, 71, 188)]
 
 
@@ -32,8 +38,12 @@ def transfer_chart(summary: dict, methods: Sequence[str], title: str = "") -> "I
     font, small = figures.font(12), figures.font(10)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     legend_w = sum(34 + probe.textlength(LABELS.get(m, m), font=small) for m in methods)
-    width = int(max(left + len(TASKS) * group_w + (len(TASKS) + 1) * group_gap + right,
-                    left + max(probe.textlength(title, font=font), legend_w) + right))
+    width = int(
+        max(
+            left + len(TASKS) * group_w + (len(TASKS) + 1) * group_gap + right,
+            left + max(probe.textlength(title, font=font), legend_w) + right,
+        )
+    )
     height = top + plot_h + bottom
     lows, highs = [0.0], [100.0]
     for key, _, _ in TASKS:
@@ -69,7 +79,9 @@ def transfer_chart(summary: dict, methods: Sequence[str], title: str = "") -> "I
             if not c:
                 continue
             x0 = gx + i * (bar + gap)
-            d.rectangle((x0, min(y(c["mean"]), y(0)), x0 + bar, max(y(c["mean"]), y(0))), fill=COLOURS.get(m, (0, 0, 0)))
+            d.rectangle(
+                (x0, min(y(c["mean"]), y(0)), x0 + bar, max(y(c["mean"]), y(0))), fill=COLOURS.get(m, (0, 0, 0))
+            )
             if c["std"] is not None:
                 xc = x0 + bar / 2
                 d.line((xc, y(c["mean"] - c["std"]), xc, y(c["mean"] + c["std"])), fill="black", width=1)
@@ -79,8 +91,12 @@ def transfer_chart(summary: dict, methods: Sequence[str], title: str = "") -> "I
             top_y = y(c["mean"] + (c["std"] or 0)) if c["mean"] >= 0 else y(0)
             d.text((x0 + (bar - d.textlength(label, font=small)) / 2, top_y - 13), label, fill="black", font=small)
         for j, line in enumerate((task, metric)):
-            d.text((gx + (group_w - d.textlength(line, font=small)) / 2, top + plot_h + 8 + 13 * j), line,
-                   fill="black", font=small)
+            d.text(
+                (gx + (group_w - d.textlength(line, font=small)) / 2, top + plot_h + 8 + 13 * j),
+                line,
+                fill="black",
+                font=small,
+            )
     return img
 
 
@@ -94,9 +110,13 @@ def k_ablation_chart(result: dict) -> "Image.Image":
     font, small = figures.font(12), figures.font(10)
     runs = result["runs"]
     moco = result.get("moco", {}).get("scores") or {}
-    d.text((pad, 8), f"SCAN K ablation on the digit scenes (seed {result['seed']}, {result['budget']['steps']} steps "
-                     f"each{', QUICK smoke run' if result.get('quick') else ''}); dashed: the MoCo start",
-           fill="black", font=font)
+    d.text(
+        (pad, 8),
+        f"SCAN K ablation on the digit scenes (seed {result['seed']}, {result['budget']['steps']} steps "
+        f"each{', QUICK smoke run' if result.get('quick') else ''}); dashed: the MoCo start",
+        fill="black",
+        font=font,
+    )
     for t, (key, task, metric) in enumerate(TASKS):
         px, py = (t % cols) * panel_w + pad, top_title + (t // cols) * panel_h
         x0, x1, y0, y1 = px + left, px + panel_w - pad, py + 22, py + panel_h - 40

@@ -1,10 +1,11 @@
 """``scan-zoo bench k-ablation``: SCAN at several K from one MoCo run at equal budgets (the paper's Fig. 3)."""
+
 from __future__ import annotations
 
 import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import write_json
@@ -46,9 +47,17 @@ def steps_for(batch_size: int, num_images: int, k: int | str) -> int:
     return math.ceil(num_images / anchors)
 
 
-def run_k_ablation(ks: Sequence = (0, 1, 2, 4, 8, "all"), seed: int = 0, out: str | Path = "runs/bench/k_ablation",
-                   recipes_dir: str | Path | None = None, moco_run: Optional[str] = None, quick: bool = False,
-                   data_cache: Optional[str] = None, num_workers: int = 2, command: Optional[str] = None) -> dict:
+def run_k_ablation(
+    ks: Sequence = (0, 1, 2, 4, 8, "all"),
+    seed: int = 0,
+    out: str | Path = "runs/bench/k_ablation",
+    recipes_dir: str | Path | None = None,
+    moco_run: str | None = None,
+    quick: bool = False,
+    data_cache: str | None = None,
+    num_workers: int = 2,
+    command: str | None = None,
+) -> dict:
     """SCAN at each K from one MoCo run, equal budgets (see the module docstring); scores, plot, results.json."""
     ks = list(dict.fromkeys(parse_k(k) for k in ks))
     if not ks:
@@ -58,8 +67,11 @@ def run_k_ablation(ks: Sequence = (0, 1, 2, 4, 8, "all"), seed: int = 0, out: st
     scan_values = load_yaml(scan_recipe)
     common = {"num_workers": num_workers, "seed": seed, **({"data_cache": data_cache} if data_cache else {})}
     quick_layer = {"max_steps": QUICK_STEPS} if quick else {}
-    tcfg = TransferConfig.quick(num_workers=num_workers, cache_dir=str(out / "feature_cache")) if quick else \
-        TransferConfig(num_workers=num_workers, cache_dir=str(out / "feature_cache"))
+    tcfg = (
+        TransferConfig.quick(num_workers=num_workers, cache_dir=str(out / "feature_cache"))
+        if quick
+        else TransferConfig(num_workers=num_workers, cache_dir=str(out / "feature_cache"))
+    )
     start = time.perf_counter()
 
     # the MoCo run every arm starts from
@@ -75,10 +87,16 @@ def run_k_ablation(ks: Sequence = (0, 1, 2, 4, 8, "all"), seed: int = 0, out: st
         moco_dir = out / f"seed{seed}" / "moco"
         extra = {"seed": seed, "output_dir": moco_dir, **quick_layer}
         run = train_run([load_yaml(moco_recipe), common, quick_layer], moco_dir, train_command(moco_recipe, extra))
-        moco = {"run_dir": str(moco_dir), "trained_now": run["trained_now"], "command": run["command"],
-                "train_seconds": run["train_seconds"], "steps": run["steps"]}
-    base = build_config(scan_values, common, quick_layer,
-                        {"appearance_model": str(moco_dir), "init_from": str(moco_dir)})
+        moco = {
+            "run_dir": str(moco_dir),
+            "trained_now": run["trained_now"],
+            "command": run["command"],
+            "train_seconds": run["train_seconds"],
+            "steps": run["steps"],
+        }
+    base = build_config(
+        scan_values, common, quick_layer, {"appearance_model": str(moco_dir), "init_from": str(moco_dir)}
+    )
     root = data_lib.resolve_data_root(base.data, base.data_cache, progress=False)
     num_images = len(data_lib.image_folder(root, "train"))
     budget = base.epochs * steps_for(base.batch_size, num_images, base.k)
@@ -87,11 +105,25 @@ def run_k_ablation(ks: Sequence = (0, 1, 2, 4, 8, "all"), seed: int = 0, out: st
     moco_scores = score_run(moco_dir, root, seed, tcfg)
     moco["scores"] = {key: moco_scores[key] for key, _, _ in TASKS}
 
-    result = {"kind": "k_ablation", "date": now(), "command": command, "quick": quick, "seed": seed,
-              "ks": [str(k) for k in ks], "recipes": recipes, "moco": moco, "transfer_settings": tcfg.to_dict(),
-              "budget": {"steps": budget, "images_per_step": base.batch_size,
-                         "rule": "every K: the SCAN recipe's batch_size and its number of steps at its own K"},
-              "tasks": [{"key": k, "task": t, "metric": m} for k, t, m in TASKS], "machine": machine(), "runs": []}
+    result = {
+        "kind": "k_ablation",
+        "date": now(),
+        "command": command,
+        "quick": quick,
+        "seed": seed,
+        "ks": [str(k) for k in ks],
+        "recipes": recipes,
+        "moco": moco,
+        "transfer_settings": tcfg.to_dict(),
+        "budget": {
+            "steps": budget,
+            "images_per_step": base.batch_size,
+            "rule": "every K: the SCAN recipe's batch_size and its number of steps at its own K",
+        },
+        "tasks": [{"key": k, "task": t, "metric": m} for k, t, m in TASKS],
+        "machine": machine(),
+        "runs": [],
+    }
     for k in ks:
         run_dir = out / f"seed{seed}" / f"k_{k}"
         spe = steps_for(base.batch_size, num_images, k)
@@ -102,17 +134,37 @@ def run_k_ablation(ks: Sequence = (0, 1, 2, 4, 8, "all"), seed: int = 0, out: st
             command_k = train_command(scan_recipe, extra) + "  # + encoders initialised from init_from (bench.py)"
             run = train_run(layers, run_dir, command_k, init_from=str(moco_dir))
         else:
-            layers = [scan_values, common, schedule, {"k": k, "appearance_model": str(moco_dir),
-                                                      "init_from": str(moco_dir)}]
-            extra = {**common, "k": k, "output_dir": run_dir, **schedule, "appearance_model": moco_dir,
-                     "init_from": moco_dir}
+            layers = [
+                scan_values,
+                common,
+                schedule,
+                {"k": k, "appearance_model": str(moco_dir), "init_from": str(moco_dir)},
+            ]
+            extra = {
+                **common,
+                "k": k,
+                "output_dir": run_dir,
+                **schedule,
+                "appearance_model": moco_dir,
+                "init_from": moco_dir,
+            }
             run = train_run(layers, run_dir, train_command(scan_recipe, extra))
         scores = score_run(run_dir, root, seed, tcfg)
-        result["runs"].append({"k": str(k), "method": "supcon" if k == "all" else "scan", "run_dir": str(run_dir),
-                               "command": run["command"], "steps": run["steps"], "epochs": schedule["epochs"],
-                               "train_seconds": run["train_seconds"], "trained_now": run["trained_now"],
-                               "scores": {key: scores[key] for key, _, _ in TASKS}, "details": details(scores),
-                               "transfer_seconds": scores["seconds"]})
+        result["runs"].append(
+            {
+                "k": str(k),
+                "method": "supcon" if k == "all" else "scan",
+                "run_dir": str(run_dir),
+                "command": run["command"],
+                "steps": run["steps"],
+                "epochs": schedule["epochs"],
+                "train_seconds": run["train_seconds"],
+                "trained_now": run["trained_now"],
+                "scores": {key: scores[key] for key, _, _ in TASKS},
+                "details": details(scores),
+                "transfer_seconds": scores["seconds"],
+            }
+        )
         result["best_k"] = {key: max(result["runs"], key=lambda r: r["scores"][key])["k"] for key, _, _ in TASKS}
         result["total_seconds"] = time.perf_counter() - start
         write_json(out / "results.json", result)

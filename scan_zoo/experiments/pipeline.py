@@ -1,4 +1,5 @@
 """Running methods: one training run, or the paper's whole pipeline (MoCo-v2 -> mining -> SCAN -> kNN)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,10 @@ def _run_training(cfg: TrainConfig, acc, callbacks: Iterable[Callback]) -> dict:
     neighbors = None
     if cfg.method == "scan":
         if cfg.init_from is None and cfg.appearance_model is None:
-            raise UserError("--method scan starts from a label-free model: pass --init-from MODEL "
-                            "(or --init-from none for random weights, which is not the paper's method)")
+            raise UserError(
+                "--method scan starts from a label-free model: pass --init-from MODEL "
+                "(or --init-from none for random weights, which is not the paper's method)"
+            )
         if cfg.init_from is None:
             cfg = dataclasses.replace(cfg, init_from=cfg.appearance_model)
         if cfg.init_from == "none":
@@ -65,8 +68,11 @@ def stage_config(recipe: Path, user: dict, fixed: dict, processes: int) -> tuple
     ref = reference_processes(recipe)
     if ref is not None and "lr" not in user:
         cfg = dataclasses.replace(cfg, lr=scaled_lr(base.lr, cfg.batch_size * processes, base.batch_size * ref))
-    diff = {f.name: (getattr(base, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(TrainConfig)
-            if getattr(base, f.name) != getattr(cfg, f.name)}
+    diff = {
+        f.name: (getattr(base, f.name), getattr(cfg, f.name))
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(base, f.name) != getattr(cfg, f.name)
+    }
     return cfg, diff
 
 
@@ -80,8 +86,12 @@ def format_stage(i: int, what: str, steps: int | None, recipe: Path, diff: dict)
 def format_timings(results: dict) -> str:
     """One line: the wall time of each stage that ran (and of the kNN evaluation)."""
     parts = []
-    for stage, key, label in (("moco", "moco", "stage 1/3 MoCo-v2"), ("scan", "mining", "stage 2/3 mining"),
-                              ("scan", "scan", "stage 3/3 SCAN"), ("scan", "knn", "kNN evaluation")):
+    for stage, key, label in (
+        ("moco", "moco", "stage 1/3 MoCo-v2"),
+        ("scan", "mining", "stage 2/3 mining"),
+        ("scan", "scan", "stage 3/3 SCAN"),
+        ("scan", "knn", "kNN evaluation"),
+    ):
         seconds = results.get(stage, {}).get(f"{key}_seconds")
         if seconds is not None:
             parts.append(f"{label} {seconds:.1f} s")
@@ -92,14 +102,18 @@ def knn_evaluate(weights_dir: Path, cfg: TrainConfig, device: torch.device | str
     """kNN top-1/top-5 of exported weights on the val split (train split as the memory bank), by
     ``eval_linear.py``'s protocol (:func:`scan_zoo.eval.probe.evaluate_knn`: the weights' own transform,
     Resize(37) + CenterCrop(32) on the digits): the figure eval_linear.py and the zoo table show."""
-    probe_cfg = ProbeConfig(num_workers=cfg.num_workers, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
-                            progress=False)
-    return evaluate_knn(str(weights_dir), cfg.data, probe_cfg, arch=cfg.model, data_cache=cfg.data_cache,
-                        device=device)
+    probe_cfg = ProbeConfig(
+        num_workers=cfg.num_workers, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature, progress=False
+    )
+    return evaluate_knn(str(weights_dir), cfg.data, probe_cfg, arch=cfg.model, data_cache=cfg.data_cache, device=device)
 
 
-def run_pipeline(layers: list[dict], moco_config: str | None = None, scan_config: str | None = None,
-                 callbacks: Iterable[Callback] = ()) -> dict:
+def run_pipeline(
+    layers: list[dict],
+    moco_config: str | None = None,
+    scan_config: str | None = None,
+    callbacks: Iterable[Callback] = (),
+) -> dict:
     """MoCo-v2 stage, neighbour mining, SCAN stage initialised from MoCo, kNN of both.
 
     ``layers`` are the user's config layers (``--config`` file, command line); each stage applies them over
@@ -118,8 +132,9 @@ def run_pipeline(layers: list[dict], moco_config: str | None = None, scan_config
     dist_timeout = build_config(load_yaml(recipes["moco"]), user, {"method": "moco"}).dist_timeout
     state = acc = make_accelerator(out / "moco", dist_timeout=dist_timeout)
     say = print if state.is_main_process else (lambda *a, **k: None)
-    moco_cfg, diff = stage_config(recipes["moco"], user, {"method": "moco", "output_dir": str(out / "moco")},
-                                  state.num_processes)
+    moco_cfg, diff = stage_config(
+        recipes["moco"], user, {"method": "moco", "output_dir": str(out / "moco")}, state.num_processes
+    )
     with run_lock.hold(Path(moco_cfg.output_dir), acc):
         trainer = Trainer(moco_cfg, acc, callbacks=callbacks)
         say(format_stage(1, "MoCo-v2 pretraining", trainer.total_steps, recipes["moco"], diff), flush=True)
@@ -129,12 +144,23 @@ def run_pipeline(layers: list[dict], moco_config: str | None = None, scan_config
     moco_dir = Path(results["moco"]["run_dir"])
     if not results["moco"]["finished"]:
         return results
-    scan_cfg, diff = stage_config(recipes["scan"], user,
-                                  {"method": "scan", "output_dir": str(out / "scan"), "appearance_model": str(moco_dir),
-                                   "init_from": str(moco_dir)}, state.num_processes)
+    scan_cfg, diff = stage_config(
+        recipes["scan"],
+        user,
+        {
+            "method": "scan",
+            "output_dir": str(out / "scan"),
+            "appearance_model": str(moco_dir),
+            "init_from": str(moco_dir),
+        },
+        state.num_processes,
+    )
     acc = make_accelerator(Path(scan_cfg.output_dir), dist_timeout=scan_cfg.dist_timeout)
     with run_lock.hold(Path(scan_cfg.output_dir), acc):
-        say(f"stage 2/3: neighbour mining (K={scan_cfg.k} neighbours per image, with the stage-1 model {moco_dir})", flush=True)
+        say(
+            f"stage 2/3: neighbour mining (K={scan_cfg.k} neighbours per image, with the stage-1 model {moco_dir})",
+            flush=True,
+        )
         start = time.perf_counter()
         with acc.main_process_first():
             root = data_lib.resolve_data_root(scan_cfg.data, scan_cfg.data_cache, progress=acc.is_main_process)
@@ -159,8 +185,9 @@ def format_knn_table(results: dict, k: int = 20) -> str:
     rows = [("method", "backbone", "steps", f"kNN top-1 (k={k})", "kNN top-5", "weights")]
     for stage, r in results.items():
         if "knn" in r:
-            rows.append((stage, r["model"], str(r["steps"]), f"{r['knn']['top1']:.2f}", f"{r['knn']['top5']:.2f}",
-                         r["weights"]))
+            rows.append(
+                (stage, r["model"], str(r["steps"]), f"{r['knn']['top1']:.2f}", f"{r['knn']['top5']:.2f}", r["weights"])
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -1,10 +1,10 @@
 """The generated parts of the docs: the README's zoo table (from the registry) and the results section of
 docs/results.md (from the benchmarks' ``results.json`` files), each between its markers."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from scan_zoo.eval.transfer import TASKS
 from scan_zoo.experiments.bench_runs import LABELS, fmt, summarise, winners
@@ -18,7 +18,7 @@ TRANSFER_RESULTS = "results/transfer_digits.json"
 K_ABLATION_RESULTS = "results/k_ablation_digits.json"
 
 
-def _load(obj) -> Optional[dict]:
+def _load(obj) -> dict | None:
     if obj is None or isinstance(obj, dict):
         return obj
     return json.loads(Path(obj).read_text())
@@ -37,13 +37,17 @@ def readme_results_section(transfer_json, kablation_json=None) -> str:
     if tr.get("quick"):
         out += ["> **Smoke run (`--quick`): a few training steps per method; these numbers measure nothing.**", ""]
     recipes = ", ".join(f"`{Path(r['path']).name}`" for r in (tr.get("recipes") or {}).values())
-    out += [f"Frozen backbones trained by `{tr.get('command') or 'scan-zoo bench transfer'}` "
-            f"({len(seeds)} seed{'s' if len(seeds) != 1 else ''}: {', '.join(map(str, seeds))}"
-            + (f"; recipes {recipes}" if recipes else "") + "), "
-            "each scored by `scan_zoo.eval.transfer.transfer_scores` on the val split: a linear probe (semantic), "
-            "ridge regression of position, scale and colours (appearance, R^2 x 100), an MLP box head "
-            "(localisation, mean IoU) and a linear multi-scale mask head (segmentation, mIoU). "
-            "Cells: mean +- sample standard deviation over seeds; best mean in bold.", ""]
+    out += [
+        f"Frozen backbones trained by `{tr.get('command') or 'scan-zoo bench transfer'}` "
+        f"({len(seeds)} seed{'s' if len(seeds) != 1 else ''}: {', '.join(map(str, seeds))}"
+        + (f"; recipes {recipes}" if recipes else "")
+        + "), "
+        "each scored by `scan_zoo.eval.transfer.transfer_scores` on the val split: a linear probe (semantic), "
+        "ridge regression of position, scale and colours (appearance, R^2 x 100), an MLP box head "
+        "(localisation, mean IoU) and a linear multi-scale mask head (segmentation, mIoU). "
+        "Cells: mean +- sample standard deviation over seeds; best mean in bold.",
+        "",
+    ]
     out.append("| Task | Metric | " + " | ".join(LABELS.get(m, m) for m in methods) + " |")
     out.append("|---|---|" + "---:|" * len(methods))
     for key, task, metric in TASKS:
@@ -86,8 +90,11 @@ def readme_results_section(transfer_json, kablation_json=None) -> str:
                 higher = " and ".join(f"{LABELS[m]} scores {cells[m]['mean']:.2f}" for m in beaten)
                 rest = [f"{LABELS[m]} {cells[m]['mean']:.2f}" for m in refs if m in cells and m not in beaten]
                 both = "both " if len([m for m in refs if m in cells]) > 1 else ""
-                out.append(f"- On {task}, SCAN ({scan:.2f}) does not beat {both}{names}: {higher}"
-                           + (f" ({', '.join(rest)})" if rest else "") + ".")
+                out.append(
+                    f"- On {task}, SCAN ({scan:.2f}) does not beat {both}{names}: {higher}"
+                    + (f" ({', '.join(rest)})" if rest else "")
+                    + "."
+                )
             else:
                 out.append(f"- On {task}, SCAN ({scan:.2f}) beats {names} ({ref_text}).")
     if "dsc" in methods and "moco" in methods:
@@ -100,27 +107,40 @@ def readme_results_section(transfer_json, kablation_json=None) -> str:
                 caveat = ""
                 if spread is not None and abs(dsc - moco) <= spread:
                     caveat = " (within one standard deviation: not a clear difference)"
-                out.append(f"- On {task}, DSC ({dsc:.2f}) {'beats' if dsc > moco else 'does not beat'} "
-                           f"MoCo-v2 ({moco:.2f}){caveat}.")
+                out.append(
+                    f"- On {task}, DSC ({dsc:.2f}) {'beats' if dsc > moco else 'does not beat'} "
+                    f"MoCo-v2 ({moco:.2f}){caveat}."
+                )
     if ka:
         out += ["", "### SCAN's K ablation (the paper's Fig. 3 in miniature)", ""]
         if ka.get("quick"):
             out += ["> **Smoke run (`--quick`): these numbers measure nothing.**", ""]
-        out += [f"One seed ({ka['seed']}), every arm initialised from the same MoCo run and trained for the same "
-                f"{ka['budget']['steps']} steps of {ka['budget']['images_per_step']} images. K = 0: SCAN's loss with "
-                "the anchor's own view as its only positive (in-batch negatives kept); K = all: every same-class "
-                "image a positive (the supcon method with SCAN's schedule).", ""]
+        out += [
+            f"One seed ({ka['seed']}), every arm initialised from the same MoCo run and trained for the same "
+            f"{ka['budget']['steps']} steps of {ka['budget']['images_per_step']} images. K = 0: SCAN's loss with "
+            "the anchor's own view as its only positive (in-batch negatives kept); K = all: every same-class "
+            "image a positive (the supcon method with SCAN's schedule).",
+            "",
+        ]
         out.append("| K | " + " | ".join(f"{task} {metric}" for _, task, metric in TASKS) + " |")
         out.append("|---|" + "---:|" * len(TASKS))
         best_k = ka.get("best_k", {})
         for r in ka["runs"]:
-            cells = [(f"**{r['scores'][key]:.2f}**" if best_k.get(key) == r["k"] else f"{r['scores'][key]:.2f}")
-                     for key, _, _ in TASKS]
+            cells = [
+                (f"**{r['scores'][key]:.2f}**" if best_k.get(key) == r["k"] else f"{r['scores'][key]:.2f}")
+                for key, _, _ in TASKS
+            ]
             out.append(f"| {r['k']} | " + " | ".join(cells) + " |")
         if ka.get("moco", {}).get("scores"):
-            out.append("| MoCo (start) | " + " | ".join(f"{ka['moco']['scores'][key]:.2f}" for key, _, _ in TASKS) + " |")
-        out += ["", "Best K per task (one seed): " + "; ".join(f"{task} K = {best_k[key]}" for key, task, _ in TASKS
-                                                             if key in best_k) + "."]
+            out.append(
+                "| MoCo (start) | " + " | ".join(f"{ka['moco']['scores'][key]:.2f}" for key, _, _ in TASKS) + " |"
+            )
+        out += [
+            "",
+            "Best K per task (one seed): "
+            + "; ".join(f"{task} K = {best_k[key]}" for key, task, _ in TASKS if key in best_k)
+            + ".",
+        ]
     return "\n".join(out) + "\n"
 
 

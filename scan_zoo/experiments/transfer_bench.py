@@ -1,10 +1,11 @@
 """``scan-zoo bench transfer``: every method for every seed, scored by the transfer suite (the paper's Table 1)."""
+
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import write_json
@@ -50,10 +51,17 @@ def format_table(summary: dict, methods: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def run_transfer_bench(methods: Sequence[str] = METHODS, seeds: Sequence[int] = (0, 1, 2),
-                       out: str | Path = "runs/bench/transfer", recipes_dir: str | Path | None = None,
-                       quick: bool = False, data_cache: Optional[str] = None, num_workers: int = 2,
-                       command: Optional[str] = None, merge: Optional[str | Path] = None) -> dict:
+def run_transfer_bench(
+    methods: Sequence[str] = METHODS,
+    seeds: Sequence[int] = (0, 1, 2),
+    out: str | Path = "runs/bench/transfer",
+    recipes_dir: str | Path | None = None,
+    quick: bool = False,
+    data_cache: str | None = None,
+    num_workers: int = 2,
+    command: str | None = None,
+    merge: str | Path | None = None,
+) -> dict:
     """Train, score and summarise (see the module docstring). Returns what ``results.json`` holds.
 
     ``merge``: a finished ``results.json`` whose runs of the methods not in ``methods`` are kept as they are.
@@ -62,7 +70,7 @@ def run_transfer_bench(methods: Sequence[str] = METHODS, seeds: Sequence[int] = 
     if unknown or not methods:
         raise UserError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     methods = [m for m in METHODS if m in methods]
-    seeds = list(dict.fromkeys(int(s) for s in seeds))[:1 if quick else None]
+    seeds = list(dict.fromkeys(int(s) for s in seeds))[: 1 if quick else None]
     out = Path(out)
     base = _merge_base(merge, methods, seeds, quick, num_workers) if merge is not None else None
     needed = [m for m in TRAIN_ORDER if m in methods or (m == "moco" and "scan" in methods)]
@@ -71,30 +79,53 @@ def run_transfer_bench(methods: Sequence[str] = METHODS, seeds: Sequence[int] = 
     if data_cache:
         common["data_cache"] = data_cache
     quick_layer = {"max_steps": QUICK_STEPS} if quick else {}
-    tcfg = TransferConfig.quick(num_workers=num_workers, cache_dir=str(out / "feature_cache")) if quick else \
-        TransferConfig(num_workers=num_workers, cache_dir=str(out / "feature_cache"))
+    tcfg = (
+        TransferConfig.quick(num_workers=num_workers, cache_dir=str(out / "feature_cache"))
+        if quick
+        else TransferConfig(num_workers=num_workers, cache_dir=str(out / "feature_cache"))
+    )
     start = time.perf_counter()
-    result = {"kind": "transfer", "date": now(), "command": command, "quick": quick, "methods": methods,
-              "seeds": seeds, "tasks": [{"key": k, "task": t, "metric": m} for k, t, m in TASKS],
-              "recipes": {m: recipe_record(p) for m, p in recipes.items()},
-              "transfer_settings": tcfg.to_dict(), "machine": machine(), "runs": []}
+    result = {
+        "kind": "transfer",
+        "date": now(),
+        "command": command,
+        "quick": quick,
+        "methods": methods,
+        "seeds": seeds,
+        "tasks": [{"key": k, "task": t, "metric": m} for k, t, m in TASKS],
+        "recipes": {m: recipe_record(p) for m, p in recipes.items()},
+        "transfer_settings": tcfg.to_dict(),
+        "machine": machine(),
+        "runs": [],
+    }
     shown = methods  # the columns of the table: these methods, and with --merge the file's others
     if base is not None:
         kept = [r for r in base["runs"] if r["method"] not in methods]
         shown = [m for m in METHODS if m in methods or m in base.get("methods", [])]
-        result.update(methods=shown,
-                      command=f"{base.get('command')}; then {command}", runs=kept,
-                      recipes={**{m: r for m, r in (base.get("recipes") or {}).items() if m not in methods},
-                               **result["recipes"]},
-                      merged_from={"path": str(merge), "date": base.get("date"), "command": base.get("command"),
-                                   "machine": base.get("machine"), "total_seconds": base.get("total_seconds"),
-                                   "methods_kept": [m for m in shown if m not in methods]})
+        result.update(
+            methods=shown,
+            command=f"{base.get('command')}; then {command}",
+            runs=kept,
+            recipes={**{m: r for m, r in (base.get("recipes") or {}).items() if m not in methods}, **result["recipes"]},
+            merged_from={
+                "path": str(merge),
+                "date": base.get("date"),
+                "command": base.get("command"),
+                "machine": base.get("machine"),
+                "total_seconds": base.get("total_seconds"),
+                "methods_kept": [m for m in shown if m not in methods],
+            },
+        )
     for seed in seeds:
         moco_dir = None
         for method in needed:
             run_dir = out / f"seed{seed}" / method
-            extra = {"seed": seed, "output_dir": run_dir, **({"data_cache": data_cache} if data_cache else {}),
-                     **quick_layer}
+            extra = {
+                "seed": seed,
+                "output_dir": run_dir,
+                **({"data_cache": data_cache} if data_cache else {}),
+                **quick_layer,
+            }
             layers = [load_yaml(recipes[method]), {"seed": seed}, common, quick_layer]
             if method == "scan":
                 layers.append({"appearance_model": str(moco_dir), "init_from": str(moco_dir)})
@@ -102,12 +133,22 @@ def run_transfer_bench(methods: Sequence[str] = METHODS, seeds: Sequence[int] = 
             run = train_run(layers, run_dir, train_command(recipes[method], extra))
             if method == "moco":
                 moco_dir = run_dir
-            entry = {"method": method, "seed": seed, "run_dir": str(run_dir), "command": run["command"],
-                     "steps": run["steps"], "train_seconds": run["train_seconds"], "trained_now": run["trained_now"]}
+            entry = {
+                "method": method,
+                "seed": seed,
+                "run_dir": str(run_dir),
+                "command": run["command"],
+                "steps": run["steps"],
+                "train_seconds": run["train_seconds"],
+                "trained_now": run["trained_now"],
+            }
             if method in methods:
                 scores = score_run(run_dir, data_root(layers), seed, tcfg)
-                entry.update(scores={k: scores[k] for k, _, _ in TASKS}, details=details(scores),
-                             transfer_seconds=scores["seconds"])
+                entry.update(
+                    scores={k: scores[k] for k, _, _ in TASKS},
+                    details=details(scores),
+                    transfer_seconds=scores["seconds"],
+                )
             else:
                 entry["note"] = "trained only as SCAN's stage 0 (not among --methods)"
             result["runs"].append(entry)
@@ -152,5 +193,7 @@ def _merge_base(path: str | Path, methods: Sequence[str], seeds: list[int], quic
 
 def _chart_title(result: dict) -> str:
     n = len(result["seeds"])
-    return (f"Transfer on the digit scenes, frozen backbones ({n} seed{'s' if n != 1 else ''}"
-            f"{', QUICK smoke run' if result.get('quick') else ''}); bars: mean, whiskers: +-1 std")
+    return (
+        f"Transfer on the digit scenes, frozen backbones ({n} seed{'s' if n != 1 else ''}"
+        f"{', QUICK smoke run' if result.get('quick') else ''}); bars: mean, whiskers: +-1 std"
+    )

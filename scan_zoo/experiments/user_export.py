@@ -15,6 +15,7 @@ read from the run itself:
   numbers were measured with (``eval_linear.py``'s default for this run and data when there are none), so
   ``timm.data.create_transform`` rebuilds the transform of every number on the card.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,20 +43,30 @@ from scan_zoo.zoo.registry import check_repo_id
 #: the files an export writes; an existing one of these that is a symlink is never written through
 EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, RESULTS_NAME)
 #: eval_linear.py options (and their ProbeConfig field) that reproduce a protocol's schedule
-EVAL_FLAGS = (("epochs", "epochs"), ("lr", "lr"), ("momentum", "momentum"), ("weight_decay", "weight-decay"),
-              ("batch_size", "batch-size"), ("seed", "seed"))
+EVAL_FLAGS = (
+    ("epochs", "epochs"),
+    ("lr", "lr"),
+    ("momentum", "momentum"),
+    ("weight_decay", "weight-decay"),
+    ("batch_size", "batch-size"),
+    ("seed", "seed"),
+)
 
 
 def check_name(name) -> str:
     """``ORG/MODEL`` as the Hub allows it: ASCII letters, digits, '-', '_', '.'; one slash; no '..' or '--'."""
     if not isinstance(name, str) or "/" not in name:
-        raise UserError(f"--name {name!r}: a run outside the zoo is exported as ORG/MODEL (e.g. my-org/my-model); "
-                        "`scan-zoo list` shows the zoo's own names")
+        raise UserError(
+            f"--name {name!r}: a run outside the zoo is exported as ORG/MODEL (e.g. my-org/my-model); "
+            "`scan-zoo list` shows the zoo's own names"
+        )
     try:
         return check_repo_id(name)
     except UserError:
-        raise UserError(f"--name {name!r} is not a Hub model id: ORG/MODEL, each part letters, digits, '-', '_' or "
-                        "'.', starting and ending with a letter or digit; one slash, no '..' or '--'") from None
+        raise UserError(
+            f"--name {name!r} is not a Hub model id: ORG/MODEL, each part letters, digits, '-', '_' or "
+            "'.', starting and ending with a letter or digit; one slash, no '..' or '--'"
+        ) from None
 
 
 def check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> Path:
@@ -67,8 +78,10 @@ def check_out_dir(out_dir: Path, run_dir: Path, force: bool) -> Path:
     if out_dir.exists() and out_dir.resolve() == run_dir.resolve():
         raise UserError(f"--out {out_dir} is the run directory itself: export to another folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UserError(f"--out {out_dir} exists and is not empty: choose a new folder or pass --force to replace "
-                        f"its {', '.join(EXPORT_FILES)}")
+        raise UserError(
+            f"--out {out_dir} exists and is not empty: choose a new folder or pass --force to replace "
+            f"its {', '.join(EXPORT_FILES)}"
+        )
     return out_dir
 
 
@@ -85,8 +98,10 @@ def run_config(run_dir: Path, meta: dict) -> dict:
     path = run_dir / "config.yaml"
     cfg = read_yaml_mapping(path) if path.is_file() else meta.get("config")
     if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), str) or not isinstance(cfg.get("data"), str):
-        raise UserError(f"{run_dir} records no training config (config.yaml, or scan_zoo.config in {CONFIG_NAME}): "
-                        "export needs a run directory written by train.py")
+        raise UserError(
+            f"{run_dir} records no training config (config.yaml, or scan_zoo.config in {CONFIG_NAME}): "
+            "export needs a run directory written by train.py"
+        )
     return cfg
 
 
@@ -98,8 +113,11 @@ def data_facts(run_dir: Path, cfg: dict, steps) -> dict:
         state = read_json_object(checkpoints[-1] / "train_state.json")
         if state.get("step") == steps and isinstance(state.get("data"), dict):
             fingerprint = state["data"]
-    return {"kind": "digits" if cfg["data"] == "digits" else "folder", "value": str(cfg["data"]),
-            "fingerprint": fingerprint}
+    return {
+        "kind": "digits" if cfg["data"] == "digits" else "folder",
+        "value": str(cfg["data"]),
+        "fingerprint": fingerprint,
+    }
 
 
 def _same(a, b) -> bool:
@@ -174,8 +192,10 @@ def eval_command(target: str, result: dict) -> str:
     if p["name"] == "moco" and p.get("crop_scale"):
         parts.append(f"--crop-scale-min {p['crop_scale'][0]} --crop-scale-max {p['crop_scale'][1]}")
         parts.append("--hflip" if p.get("hflip") else "--no-hflip")
-    for key, flag, default_value in (("k", "knn-k", default.knn_k), ("temperature", "knn-temperature",
-                                                                      default.knn_temperature)):
+    for key, flag, default_value in (
+        ("k", "knn-k", default.knn_k),
+        ("temperature", "knn-temperature", default.knn_temperature),
+    ):
         if key in knn and knn[key] != default_value:
             parts.append(f"--{flag} {knn[key]}")
     return " ".join(parts)
@@ -190,22 +210,34 @@ def preprocessing(model, weights: Path, data: str, results: dict) -> dict:
     configs = []
     for r in results.values():
         p = r["protocol"]
-        configs.append(probe.ProbeConfig(image_size=p["image_size"], eval_resize=p["eval_resize"],
-                                         mean=tuple(p["mean"]), std=tuple(p["std"])))
+        configs.append(
+            probe.ProbeConfig(
+                image_size=p["image_size"], eval_resize=p["eval_resize"], mean=tuple(p["mean"]), std=tuple(p["std"])
+            )
+        )
     if not configs:
         configs = [probe.ProbeConfig()]
     resolved = [probe.resolve_config(c, probe.model_preprocessing(model, weights), data) for c in configs]
     seen = {(c.image_size, c.eval_resize, c.mean, c.std) for c in resolved}
     if len(seen) > 1:
-        raise UserError(f"the run's results were measured under different evaluation transforms {sorted(seen)}: one "
-                        "config.json cannot describe them all; evaluate once more at one transform")
+        raise UserError(
+            f"the run's results were measured under different evaluation transforms {sorted(seen)}: one "
+            "config.json cannot describe them all; evaluate once more at one transform"
+        )
     cfg = resolved[0]
     resize = next(t for t in probe.eval_transform(cfg).transforms if type(t).__name__ == "Resize")
-    return {"input_size": (3, cfg.image_size, cfg.image_size), "crop_pct": cfg.image_size / cfg.eval_resize,
-            "crop_mode": "center", "interpolation": resize.interpolation.value, "mean": tuple(cfg.mean),
-            "std": tuple(cfg.std), "eval_resize": cfg.eval_resize,
-            "source": "the evaluation of the numbers below" if results else
-                      "eval_linear.py's default for this run's data (no number was measured)"}
+    return {
+        "input_size": (3, cfg.image_size, cfg.image_size),
+        "crop_pct": cfg.image_size / cfg.eval_resize,
+        "crop_mode": "center",
+        "interpolation": resize.interpolation.value,
+        "mean": tuple(cfg.mean),
+        "std": tuple(cfg.std),
+        "eval_resize": cfg.eval_resize,
+        "source": "the evaluation of the numbers below"
+        if results
+        else "eval_linear.py's default for this run's data (no number was measured)",
+    }
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -227,14 +259,24 @@ def export_run(run_dir: str | Path, name: str, out_dir: str | Path, force: bool 
     data = "digits" if cfg["data"] == "digits" else str(cfg["data"])
     prep = preprocessing(model, weights, data, results)
     recipe = recipe_facts(cfg, meta.get("recipe"))
-    facts = {"name": name, "arch": arch, "method": cfg["method"], "steps": meta.get("steps"),
-             "epochs": meta.get("epochs"), "num_train_images": meta.get("num_train_images"),
-             "data": data_facts(run_dir, cfg, meta.get("steps")), "recipe": recipe,
-             "train_command": train_command(cfg, recipe), "sha256": digest, "preprocess": prep,
-             "starts": {k: cfg[k] for k in ("init_from", "appearance_model", "neighbors") if cfg.get(k)},
-             "results": results, "dropped": dropped,
-             "eval_commands": {k: eval_command(f"hf-hub:{name}", r) for k, r in results.items()},
-             "measure_command": f"python eval_linear.py hf-hub:{name} --data {data} --protocol cached"}
+    facts = {
+        "name": name,
+        "arch": arch,
+        "method": cfg["method"],
+        "steps": meta.get("steps"),
+        "epochs": meta.get("epochs"),
+        "num_train_images": meta.get("num_train_images"),
+        "data": data_facts(run_dir, cfg, meta.get("steps")),
+        "recipe": recipe,
+        "train_command": train_command(cfg, recipe),
+        "sha256": digest,
+        "preprocess": prep,
+        "starts": {k: cfg[k] for k in ("init_from", "appearance_model", "neighbors") if cfg.get(k)},
+        "results": results,
+        "dropped": dropped,
+        "eval_commands": {k: eval_command(f"hf-hub:{name}", r) for k, r in results.items()},
+        "measure_command": f"python eval_linear.py hf-hub:{name} --data {data} --protocol cached",
+    }
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in EXPORT_FILES:
@@ -247,16 +289,24 @@ def export_run(run_dir: str | Path, name: str, out_dir: str | Path, force: bool 
     os.replace(tmp, out_dir / WEIGHTS_NAME)
     default = timm.models.get_pretrained_cfg(arch)
     timm_fields = {k: v for k, v in prep.items() if k not in ("eval_resize", "source")}
-    model.pretrained_cfg = {"architecture": arch, "num_classes": 0, **timm_fields,
-                            "classifier": default.classifier if default else None,
-                            "first_conv": default.first_conv if default else None}
-    scan_meta = {"name": name, "method": cfg["method"], "sha256": digest, "recipe": recipe["path"],
-                 "data": data, "train": {k: meta[k] for k in ("steps", "epochs", "num_train_images", "config")
-                                         if k in meta},
-                 "exported": date.today().isoformat()}
+    model.pretrained_cfg = {
+        "architecture": arch,
+        "num_classes": 0,
+        **timm_fields,
+        "classifier": default.classifier if default else None,
+        "first_conv": default.first_conv if default else None,
+    }
+    scan_meta = {
+        "name": name,
+        "method": cfg["method"],
+        "sha256": digest,
+        "recipe": recipe["path"],
+        "data": data,
+        "train": {k: meta[k] for k in ("steps", "epochs", "num_train_images", "config") if k in meta},
+        "exported": date.today().isoformat(),
+    }
     tmp_cfg = out_dir / f".{CONFIG_NAME}.{os.getpid()}.tmp"
-    save_config_for_hf(model, str(tmp_cfg), model_config={"scan_zoo": scan_meta},
-                       data_config=timm_fields)
+    save_config_for_hf(model, str(tmp_cfg), model_config={"scan_zoo": scan_meta}, data_config=timm_fields)
     os.replace(tmp_cfg, out_dir / CONFIG_NAME)
     if results:
         write_json(out_dir / RESULTS_NAME, results)

@@ -8,12 +8,12 @@ model cards and the README table read the ``eval_results.json`` written here.
 
 Runs resume: an entry whose run already finished is only re-evaluated and re-exported.
 """
+
 from __future__ import annotations
 
 import logging
 from datetime import date
 from pathlib import Path
-from typing import Optional
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file
@@ -35,7 +35,7 @@ ORDER = ("moco", "scan", "supcon", "supervised", "dsc")  # SCAN needs the MoCo r
 PORTABLE_RESULT_KEYS = ("data_root", "weights", "model", "feature_cache")  # machine-specific paths, not shipped
 
 
-def shipped_entries(names: Optional[list[str]] = None) -> list[ZooEntry]:
+def shipped_entries(names: list[str] | None = None) -> list[ZooEntry]:
     entries = [e for e in ENTRIES if e.shipped]
     if names:
         unknown = sorted(set(names) - {e.name for e in entries})
@@ -47,8 +47,11 @@ def shipped_entries(names: Optional[list[str]] = None) -> list[ZooEntry]:
 
 def train_entry(entry: ZooEntry, work_dir: Path, num_workers: int) -> Path:
     run_dir = work_dir / entry.name
-    layers = [load_yaml(recipe_path(entry.recipe)), dict(entry.overrides),
-              {"output_dir": str(run_dir), "resume": "latest", "num_workers": num_workers}]
+    layers = [
+        load_yaml(recipe_path(entry.recipe)),
+        dict(entry.overrides),
+        {"output_dir": str(run_dir), "resume": "latest", "num_workers": num_workers},
+    ]
     if entry.method == "scan":
         moco = next(e for e in ENTRIES if e.shipped and e.method == "moco" and e.arch == entry.arch)
         moco_dir = work_dir / moco.name
@@ -69,8 +72,9 @@ def evaluate_run(run_dir: Path, num_workers: int) -> dict:
     return merge_results(results_path(str(run_dir)), result)
 
 
-def build_digits(work_dir: str | Path = "runs/zoo_digits", names: Optional[list[str]] = None,
-                 num_workers: int = 2) -> list[dict]:
+def build_digits(
+    work_dir: str | Path = "runs/zoo_digits", names: list[str] | None = None, num_workers: int = 2
+) -> list[dict]:
     """Train (or resume), evaluate and ship the ``*_digits`` entries; returns one summary per entry."""
     work_dir = Path(work_dir)
     out = []
@@ -83,4 +87,3 @@ def build_digits(work_dir: str | Path = "runs/zoo_digits", names: Optional[list[
         out.append({"name": entry.name, "folder": str(folder), "sha256": digest, "results": results})
         logger.info("shipped %s (%s)", entry.name, digest[:12])
     return out
-

@@ -7,6 +7,7 @@ with the command and the tolerance of its numbers, rewrites the model card from 
 results, and regenerates the README's zoo table. ``model.safetensors`` and ``config.json`` are only read:
 the weights stay byte-identical (their sha256 is checked against the lock first).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,11 @@ from scan_zoo.zoo.registry import ENTRIES, ZooEntry
 
 logger = logging.getLogger(__name__)
 
-TOLERANCE_NOTE = ("bit-identical at any thread count and across runs on one machine; another CPU rounds the "
-                  "features differently, and one-ulp changes of the train features moved linear top-1 by up to "
-                  "0.63 points in 5 random perturbations of each shipped entry")
+TOLERANCE_NOTE = (
+    "bit-identical at any thread count and across runs on one machine; another CPU rounds the "
+    "features differently, and one-ulp changes of the train features moved linear top-1 by up to "
+    "0.63 points in 5 random perturbations of each shipped entry"
+)
 
 
 def documented_command(entry: ZooEntry) -> str:
@@ -43,8 +46,12 @@ def documented_command(entry: ZooEntry) -> str:
 
 def reproduce_record(entry: ZooEntry) -> dict:
     """What ``eval_results.json`` says about reproducing its numbers."""
-    return {"command": documented_command(entry), "linear_top1_tolerance": LINEAR_TOLERANCE,
-            "knn_top1_tolerance": 0.0, "note": TOLERANCE_NOTE}
+    return {
+        "command": documented_command(entry),
+        "linear_top1_tolerance": LINEAR_TOLERANCE,
+        "knn_top1_tolerance": 0.0,
+        "note": TOLERANCE_NOTE,
+    }
 
 
 def remeasure(entry: ZooEntry, num_workers: int = 2, measure: bool = True) -> dict:
@@ -70,13 +77,23 @@ def remeasure(entry: ZooEntry, num_workers: int = 2, measure: bool = True) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scan_zoo.experiments.zoo_numbers", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m scan_zoo.experiments.zoo_numbers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--only", nargs="*", default=None, help="zoo names (default: every shipped entry)")
-    p.add_argument("--readme", default="README.md", help="README whose zoo table is regenerated (default: ./README.md, run from the checkout)")
+    p.add_argument(
+        "--readme",
+        default="README.md",
+        help="README whose zoo table is regenerated (default: ./README.md, run from the checkout)",
+    )
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--cards-only", action="store_true", help="rewrite cards and the zoo table from the shipped "
-                   "eval_results.json, measuring nothing")
+    p.add_argument(
+        "--cards-only",
+        action="store_true",
+        help="rewrite cards and the zoo table from the shipped eval_results.json, measuring nothing",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,4 +1,5 @@
 """Small building blocks shared by the methods: projection head, encoder, momentum update, labelled queue."""
+
 from __future__ import annotations
 
 import copy
@@ -92,7 +93,7 @@ class LabeledQueue(nn.Module):
         """Enqueue ``keys [n, D]`` and ``labels [n]``, overwriting the oldest entries."""
         n = keys.shape[0]
         if n > self.size:
-            keys, labels, n = keys[-self.size:], labels[-self.size:], self.size
+            keys, labels, n = keys[-self.size :], labels[-self.size :], self.size
         idx = (self.ptr + torch.arange(n, device=self.keys.device)) % self.size  # [n]
         self.keys[idx] = keys.to(self.keys.dtype)
         self.labels[idx] = labels.to(self.labels.dtype)

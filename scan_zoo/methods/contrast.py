@@ -3,6 +3,7 @@
 A subclass only says which keys are positives and which are negatives (:meth:`masks`); the loss is
 always :func:`scan_zoo.core.losses.masked_info_nce` over ``[batch keys of every process] ++ [queue]``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,14 +31,24 @@ class MomentumContrast(nn.Module):
     #: softmax denominator of :func:`masked_info_nce`; SCAN makes it an option
     denominator = "all"
 
-    def __init__(self, backbone: nn.Module, proj_dim: int = 128, queue_size: int = 65536,
-                 temperature: float = 0.2, key_momentum: float = 0.999, shuffle_bn: bool = True,
-                 key_bn_splits: int = 2, seed: int = 0, encoder: nn.Module | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        proj_dim: int = 128,
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        key_momentum: float = 0.999,
+        shuffle_bn: bool = True,
+        key_bn_splits: int = 2,
+        seed: int = 0,
+        encoder: nn.Module | None = None,
+    ):
         """``encoder``: the query encoder, holding ``backbone`` as ``.backbone`` and its global projection head
         as ``.head`` (default: :class:`Encoder` with the MoCo-v2 MLP head); the key encoder is its momentum copy."""
         super().__init__()
-        self.encoder_q = encoder if encoder is not None else Encoder(backbone, ProjectionHead(pooled_dim(backbone),
-                                                                                             proj_dim))
+        self.encoder_q = (
+            encoder if encoder is not None else Encoder(backbone, ProjectionHead(pooled_dim(backbone), proj_dim))
+        )
         assert self.encoder_q.backbone is backbone, "the query encoder must hold the backbone it is given"
         self.encoder_k = momentum_copy(self.encoder_q)
         self.queue = LabeledQueue(queue_size, proj_dim, seed=seed)
@@ -104,8 +115,14 @@ class MomentumContrast(nn.Module):
             k_all = D.gather_cat(k, sizes)  # [Bg, D] keys of the global batch
             ids = torch.stack([batch["index"], batch["label"], batch["group"]], 1)  # [B, 3]
             ids_all = D.gather_cat(ids, sizes)  # [Bg, 3]
-        keys = {"keys": k_all, "index": ids_all[:, 0], "label": ids_all[:, 1], "group": ids_all[:, 2],
-                "sizes": sizes, "queue_label": self.queue.labels}
+        keys = {
+            "keys": k_all,
+            "index": ids_all[:, 0],
+            "label": ids_all[:, 1],
+            "group": ids_all[:, 2],
+            "sizes": sizes,
+            "queue_label": self.queue.labels,
+        }
         pos_b, neg_b, pos_q, neg_q = self.masks(batch, keys)
         with torch.autocast(device_type=q.device.type, enabled=False):  # logits in float32 under bf16/fp16
             q_t = q.float() / self.temperature  # [B, D] 1/tau applied to D columns, not to Bg + L logits
@@ -114,8 +131,12 @@ class MomentumContrast(nn.Module):
         if pos_q is None:  # a queue of negatives only (MoCo, SCAN)
             loss = masked_info_nce(l_batch, pos_b, neg_b, self.denominator, negatives=l_queue)
         else:
-            loss = masked_info_nce(torch.cat([l_batch, l_queue], 1), torch.cat([pos_b, pos_q], 1),
-                                   torch.cat([neg_b, neg_q], 1), self.denominator)
+            loss = masked_info_nce(
+                torch.cat([l_batch, l_queue], 1),
+                torch.cat([pos_b, pos_q], 1),
+                torch.cat([neg_b, neg_q], 1),
+                self.denominator,
+            )
         return loss, keys, pos_b
 
 

@@ -6,9 +6,8 @@ from the same semantic class [is] more similar than the representation from diff
 mini-batch"), with categories from k-means (DSC-KM) or learned prototypes (DSC-PM). Every choice below that
 the abstract leaves open is named in :class:`DSC`'s docstring and in docs/dsc.md.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ from scan_zoo.models.backbones import pooled_dim
 MIN_AUTO_GRID = 4  # the automatic feature layer is the deepest map at least this many pixels on a side
 
 
-def resolve_feature_layer(backbone: nn.Module, image_size: int, layer: Optional[int]) -> int:
+def resolve_feature_layer(backbone: nn.Module, image_size: int, layer: int | None) -> int:
     """The non-negative index into ``backbone.feature_info`` of the map the dense terms use.
 
     ``layer`` is an index (negative counts from the end: -1 = the last map, DSC's and DenseCL's choice) or
@@ -48,23 +47,31 @@ def resolve_feature_layer(backbone: nn.Module, image_size: int, layer: Optional[
     info = getattr(backbone, "feature_info", None)
     name = (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture") or type(backbone).__name__
     if not info or not hasattr(backbone, "forward_intermediates"):
-        raise UserError(f"--method dsc needs a backbone with feature maps (timm feature_info and "
-                        f"forward_intermediates); {name} has none")
+        raise UserError(
+            f"--method dsc needs a backbone with feature maps (timm feature_info and "
+            f"forward_intermediates); {name} has none"
+        )
     grids = [image_size // int(f["reduction"]) for f in info]  # side of each map at image_size
     if layer is None:
         fit = [i for i, g in enumerate(grids) if g >= MIN_AUTO_GRID]
         if not fit:
-            raise UserError(f"no feature map of {name} is {MIN_AUTO_GRID}x{MIN_AUTO_GRID} or larger at image_size "
-                            f"{image_size} (sides {grids}): use larger images or name --dsc-feature-layer")
+            raise UserError(
+                f"no feature map of {name} is {MIN_AUTO_GRID}x{MIN_AUTO_GRID} or larger at image_size "
+                f"{image_size} (sides {grids}): use larger images or name --dsc-feature-layer"
+            )
         return fit[-1]
     if not -len(info) <= layer < len(info):
-        raise UserError(f"dsc_feature_layer {layer} is out of range: {name} has {len(info)} feature maps "
-                        f"(indices 0..{len(info) - 1}, or negative from the end)")
+        raise UserError(
+            f"dsc_feature_layer {layer} is out of range: {name} has {len(info)} feature maps "
+            f"(indices 0..{len(info) - 1}, or negative from the end)"
+        )
     index = layer % len(info)
     if grids[index] < 2:
-        raise UserError(f"dsc_feature_layer {layer} of {name} is {grids[index]}x{grids[index]} at image_size "
-                        f"{image_size}: the dense terms need at least 2x2 (sides of the maps: {grids}); pick an "
-                        "earlier layer or larger images")
+        raise UserError(
+            f"dsc_feature_layer {layer} of {name} is {grids[index]}x{grids[index]} at image_size "
+            f"{image_size}: the dense terms need at least 2x2 (sides of the maps: {grids}); pick an "
+            "earlier layer or larger images"
+        )
     return index
 
 
@@ -128,10 +135,23 @@ class DSC(MoCo):
         pixel_samples: anchors per process of ``L_cat``. weights: ``(w_inst, w_pix, w_cat)``.
     """
 
-    def __init__(self, backbone: nn.Module, feature_layer: int, dense_dim: int = 128,
-                 dense_queue_size: Optional[int] = None, topk: int = 1, assign: str = "kmeans", clusters: int = 16,
-                 kmeans_iters: int = 10, sinkhorn_iters: int = 3, sinkhorn_eps: float = 0.05,
-                 pixel_samples: int = 512, weights: tuple = (1.0, 1.0, 1.0), proj_dim: int = 128, **kwargs):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_layer: int,
+        dense_dim: int = 128,
+        dense_queue_size: int | None = None,
+        topk: int = 1,
+        assign: str = "kmeans",
+        clusters: int = 16,
+        kmeans_iters: int = 10,
+        sinkhorn_iters: int = 3,
+        sinkhorn_eps: float = 0.05,
+        pixel_samples: int = 512,
+        weights: tuple = (1.0, 1.0, 1.0),
+        proj_dim: int = 128,
+        **kwargs,
+    ):
         assert assign in ("kmeans", "prototypes"), f"assign must be 'kmeans' or 'prototypes', not {assign!r}"
         assert clusters >= 2 and pixel_samples >= 1 and topk >= 1, "clusters >= 2, pixel_samples >= 1, topk >= 1"
         encoder = DenseEncoder(backbone, feature_layer, proj_dim, dense_dim)
@@ -166,8 +186,9 @@ class DSC(MoCo):
             k_mean = F.normalize(k_pix.mean(1), dim=1)  # [B, Dd] this step's dense-queue entries
             k_mean_all = D.gather_cat(k_mean, keys["sizes"])  # [Bg, Dd]
         with torch.autocast(device_type=q.device.type, enabled=False):  # float32 under bf16/fp16
-            l_pix = dense_info_nce(q_pix.float(), k_pix.float(), match, self.dense_queue.keys.clone().detach(),
-                                   self.temperature)
+            l_pix = dense_info_nce(
+                q_pix.float(), k_pix.float(), match, self.dense_queue.keys.clone().detach(), self.temperature
+            )
             l_cat, l_proto, used = self._category_terms(q_pix.float(), k_pix.float(), match[..., 0])
         l_cat_all = l_cat if l_proto is None else l_cat + l_proto
         loss = self.w_inst * l_inst + self.w_pix * l_pix + self.w_cat * l_cat_all
@@ -176,8 +197,13 @@ class DSC(MoCo):
                 self.queue.push(keys["keys"], keys["label"])
                 self.dense_queue.push(k_mean_all, keys["label"])
                 self.steps += 1
-        out = {"loss": loss, "loss_instance": l_inst.detach(), "loss_pixel": l_pix.detach(),
-               "loss_category": l_cat.detach(), "clusters": used}
+        out = {
+            "loss": loss,
+            "loss_instance": l_inst.detach(),
+            "loss_pixel": l_pix.detach(),
+            "loss_category": l_cat.detach(),
+            "clusters": used,
+        }
         if l_proto is not None:
             out["loss_prototype"] = l_proto.detach()
         return out
@@ -191,17 +217,18 @@ class DSC(MoCo):
             k_flat = k_pix.reshape(B * M, Dd)  # [B*M, Dd] this process's key pixels
             sizes = D.gather_sizes(len(k_flat), k_flat.device)
             k_all = D.gather_cat(k_flat, sizes)  # [Bg*M, Dd] every key pixel of the global batch
-            start = sum(sizes[:D.rank()])
+            start = sum(sizes[: D.rank()])
             if self.prototypes is None:  # DSC-KM
-                labels_all, _ = spherical_kmeans(k_all, min(self.clusters, len(k_all)), self.kmeans_iters,
-                                                 self._generator(1))  # [Bg*M]
+                labels_all, _ = spherical_kmeans(
+                    k_all, min(self.clusters, len(k_all)), self.kmeans_iters, self._generator(1)
+                )  # [Bg*M]
                 codes = None
             else:  # DSC-PM
                 protos = F.normalize(self.prototypes.detach().float(), dim=1)  # [K, Dd]
                 codes_all = sinkhorn(k_all @ protos.T, self.sinkhorn_eps, self.sinkhorn_iters)  # [Bg*M, K]
                 labels_all = codes_all.argmax(1)  # [Bg*M]
-                codes = codes_all[start:start + B * M]  # [B*M, K]
-            labels = labels_all[start:start + B * M]  # [B*M] categories of this process's key pixels
+                codes = codes_all[start : start + B * M]  # [B*M, K]
+            labels = labels_all[start : start + B * M]  # [B*M] categories of this process's key pixels
             used = torch.bincount(labels_all, minlength=self.clusters).gt(0).sum().float()
             S = min(self.pixel_samples, B * N)
             pick = torch.randperm(B * N, generator=self._generator(2, D.rank()))[:S].to(q_pix.device)  # [S]

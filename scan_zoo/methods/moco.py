@@ -1,4 +1,5 @@
 """MoCo-v2 (Chen et al. 2020): the label-free baseline and stage 0 of SCAN."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ Stage 2: MoCo-v2 training in which each image's positives are its K nearest same
 (mined in stage 1, :mod:`scan_zoo.core.neighbors`). The sampler puts every anchor's neighbours in its batch
 and gives anchor and neighbours one pseudo-label y*; the loss is paper Eq. 5-6.
 """
+
 from __future__ import annotations
 
 from scan_zoo.core.losses import contrast_masks
@@ -27,6 +28,7 @@ class SCAN(MomentumContrast):
         self.denominator, self.in_batch_negatives = denominator, in_batch_negatives
 
     def masks(self, batch, keys):
-        pos_b, neg_b = contrast_masks(batch["index"], keys["index"], batch["group"], keys["group"],
-                                      self.in_batch_negatives)  # [B, Bg] each
+        pos_b, neg_b = contrast_masks(
+            batch["index"], keys["index"], batch["group"], keys["group"], self.in_batch_negatives
+        )  # [B, Bg] each
         return pos_b, neg_b, None, None  # the queue: negatives of every query

@@ -1,4 +1,5 @@
 """Supervised contrastive learning (Khosla et al. 2020, L_out) with MoCo's key encoder and a labelled queue."""
+
 from __future__ import annotations
 
 from scan_zoo.methods.contrast import MomentumContrast

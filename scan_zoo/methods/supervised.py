@@ -1,4 +1,5 @@
 """Fully supervised cross-entropy (the paper's FSup-Softmax row): a linear classifier on pooled features."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F

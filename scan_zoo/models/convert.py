@@ -5,6 +5,7 @@ on the archive's inflated size, or safetensors), converted once to
 plain timm keys and checked strictly against the timm architecture: the projection head, key encoder
 and queue are dropped, and any other missing or unexpected key is named in the error.
 """
+
 from __future__ import annotations
 
 import re
@@ -46,8 +47,7 @@ def detect_layout(state: dict) -> str:
     for name, (prefix, _) in LAYOUTS.items():
         if any(k.startswith(prefix) for k in state):
             return name
-    raise UserError("unknown checkpoint layout: no key starts with "
-                    + ", ".join(repr(p) for p, _ in LAYOUTS.values()))
+    raise UserError("unknown checkpoint layout: no key starts with " + ", ".join(repr(p) for p, _ in LAYOUTS.values()))
 
 
 def to_timm(state: dict, arch: str, layout: str | None = None, reference=None, source: str | None = None) -> dict:
@@ -62,7 +62,7 @@ def to_timm(state: dict, arch: str, layout: str | None = None, reference=None, s
     for k, v in state.items():
         if not k.startswith(prefix):
             continue  # key encoder, queue, projection head of other encoders
-        name = k[len(prefix):]
+        name = k[len(prefix) :]
         if head is not None and head.match(name):
             continue  # the projection head of the query encoder
         out[name] = v
@@ -70,8 +70,10 @@ def to_timm(state: dict, arch: str, layout: str | None = None, reference=None, s
     missing = sorted(set(want) - set(out))
     unexpected = sorted(set(out) - set(want))
     if missing or unexpected:
-        raise UserError(f"{layout} checkpoint does not fit timm's {arch}: missing keys {missing or 'none'}, "
-                        f"unexpected keys {unexpected or 'none'}")
+        raise UserError(
+            f"{layout} checkpoint does not fit timm's {arch}: missing keys {missing or 'none'}, "
+            f"unexpected keys {unexpected or 'none'}"
+        )
     bad = sorted(k for k in want if tuple(want[k].shape) != tuple(out[k].shape))
     if bad:
         raise UserError(f"{layout} checkpoint has wrong shapes for {arch}: {bad[:5]}")
@@ -92,6 +94,7 @@ def to_detectron2(state: dict) -> dict:
     """A detectron2 checkpoint dict (numpy arrays) from a timm ResNet backbone state dict."""
     if any(not (k.startswith(("conv1.", "bn1.", "layer"))) for k in state):
         raise UserError("detectron2 export needs a timm ResNet backbone (conv1, bn1, layer1-4)")
-    model = {detectron2_name(k): v.detach().cpu().numpy() for k, v in state.items()
-             if not k.endswith("num_batches_tracked")}
+    model = {
+        detectron2_name(k): v.detach().cpu().numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")
+    }
     return {"model": model, "__author__": "scan_zoo", "matching_heuristics": True}

@@ -1,4 +1,5 @@
 """One feature-extraction loop: the pooled features of every image of a data set, sharded across processes."""
+
 from __future__ import annotations
 
 import torch
@@ -11,9 +12,15 @@ from scan_zoo.models.backbones import pooled_dim
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, dataset: Dataset, batch_size: int = 256, num_workers: int = 2,
-                     device: torch.device | str | None = None, desc: str = "features",
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    device: torch.device | str | None = None,
+    desc: str = "features",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features of every image, in dataset order: ``(features float32 [N, D], labels int64 [N])``.
 
     ``dataset`` yields ``(image, label, index)``. When a process group is initialised each process

@@ -1,9 +1,9 @@
 """Every way a user names a backbone, loaded strictly: a zoo tag, a run directory or checkpoint, a
 ``model.safetensors`` with its ``config.json``, timm's ``local-dir:``, or a timm name (random weights)."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from torch import nn
 
@@ -45,7 +45,7 @@ def read_config(weights: Path) -> dict:
     return cfg
 
 
-def _checkpoint_arch(path: Path) -> Optional[str]:
+def _checkpoint_arch(path: Path) -> str | None:
     """The ``model`` a scan_zoo training checkpoint's ``config.yaml`` names."""
     arch = read_yaml_mapping(path).get("model")
     if arch is not None and not isinstance(arch, str):
@@ -57,14 +57,15 @@ def _checkpoint_arch(path: Path) -> Optional[str]:
 _LOCAL_DIR_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
 
-def _read_local_dir(ref: str) -> tuple[Optional[dict], str]:
+def _read_local_dir(ref: str) -> tuple[dict | None, str]:
     """Check a ``local-dir:PATH`` folder's files before timm reads them: ``config.json`` is an object naming
     an architecture, and the weights file timm picks parses. Returns those weights and their path (``None``:
     timm's other file names, which timm reads itself)."""
-    folder = Path(ref[len("local-dir:"):])
+    folder = Path(ref[len("local-dir:") :])
     if not folder.is_dir():
-        raise UserError(f"{ref}: {folder} is not a directory (local-dir: names a folder holding "
-                        f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise UserError(
+            f"{ref}: {folder} is not a directory (local-dir: names a folder holding {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
     cfg = read_json_object(folder / CONFIG_NAME) if (folder / CONFIG_NAME).exists() else None
     if cfg is None:
         raise UserError(f"{ref}: {folder} has no {CONFIG_NAME} (timm's local-dir: needs one naming the architecture)")
@@ -77,7 +78,7 @@ def _read_local_dir(ref: str) -> tuple[Optional[dict], str]:
     return None, ref
 
 
-def load_backbone(ref: str, arch: Optional[str] = None) -> tuple[nn.Module, str]:
+def load_backbone(ref: str, arch: str | None = None) -> tuple[nn.Module, str]:
     """A backbone from a model reference, with its weights loaded strictly.
 
     ``ref`` is a directory holding ``model.safetensors`` (+ ``config.json``), a ``.safetensors`` file, or
@@ -96,11 +97,12 @@ def load_backbone(ref: str, arch: Optional[str] = None) -> tuple[nn.Module, str]
         else:
             arch = read_config(weights).get("architecture") or arch
         if not arch:
-            raise UserError(f"{weights} has no config.json beside it naming its architecture; name it "
-                            "(train.py --model, scan-zoo mine --arch)")
+            raise UserError(
+                f"{weights} has no config.json beside it naming its architecture; name it "
+                "(train.py --model, scan-zoo mine --arch)"
+            )
         model = create_backbone(arch)
         if is_checkpoint:  # the query encoder's backbone, converted (and checked) like any foreign checkpoint
-
             state = to_timm(state, arch, reference=model, source=str(weights))
         load_strict(model, state, str(weights))
         return model, str(weights)

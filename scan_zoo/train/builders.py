@@ -1,4 +1,5 @@
 """What a training run is built from: the Accelerator, the training loader and its transform, the lr schedule."""
+
 from __future__ import annotations
 
 import functools
@@ -25,16 +26,21 @@ def make_accelerator(output_dir: Path, log_with: str | None = "tensorboard", dis
     # The queue is identical on every process by construction: no need to broadcast buffers each step.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     handlers = [ddp] if dist_timeout is None else [ddp, InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))]
-    return Accelerator(cpu=cpu, log_with=log_with, kwargs_handlers=handlers,
-                       project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tb")))
+    return Accelerator(
+        cpu=cpu,
+        log_with=log_with,
+        kwargs_handlers=handlers,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "tb")),
+    )
 
 
 def train_transform(cfg: TrainConfig):
     if cfg.method == "supervised":
         t = data_lib.supervised_transform(cfg.image_size, cfg.crop_scale_min, cfg.hflip)
     else:
-        t = data_lib.moco_v2_transform(cfg.image_size, cfg.crop_scale_min, cfg.blur_prob, cfg.hflip,
-                                       cfg.jitter_hue, cfg.grayscale_prob)
+        t = data_lib.moco_v2_transform(
+            cfg.image_size, cfg.crop_scale_min, cfg.blur_prob, cfg.hflip, cfg.jitter_hue, cfg.grayscale_prob
+        )
     return data_lib.MultiView(t, num_views(cfg.method))
 
 
@@ -48,12 +54,16 @@ def train_loader(cfg: TrainConfig, base, sampler: data_lib.NeighborBatchSampler,
     pin = torch.device(device).type == "cuda"
     data_lib.cache_small_dataset(base)  # the digit scenes: decoded once per worker, not once per epoch
     if cfg.decode == "device":
-        loader = data_lib.make_loader(device_data.EncodedViews(base, transform), sampler, cfg.num_workers,
-                                      pin_memory=pin, collate_fn=device_data.collate_encoded)
+        loader = data_lib.make_loader(
+            device_data.EncodedViews(base, transform),
+            sampler,
+            cfg.num_workers,
+            pin_memory=pin,
+            collate_fn=device_data.collate_encoded,
+        )
         views = device_data.DeviceViews(transform)
     else:
-        loader = data_lib.make_loader(data_lib.SeededViews(base, transform), sampler, cfg.num_workers,
-                                      pin_memory=pin)
+        loader = data_lib.make_loader(data_lib.SeededViews(base, transform), sampler, cfg.num_workers, pin_memory=pin)
         views = None
     signals = interrupt.parse_signals(cfg.preempt_signals)
     if signals and cfg.num_workers > 0:

@@ -6,6 +6,7 @@ Beside what ``save_state`` writes, a checkpoint holds ``config.yaml`` and, writt
 checkpoint complete), ``train_state.json``: the position (epoch, step, step in the epoch, skipped non-finite
 steps), the scheduler state, the data fingerprint, and the size and sha256 of every other file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,13 @@ def read_train_state(path: Path) -> dict:
 
 
 @contextlib.contextmanager
-def writing(tmp: Path, final: Path, last_good: Callable[[], str], passes: tuple[type, ...] = (),
-            passes_if: Callable[[BaseException], object] = lambda e: None):
+def writing(
+    tmp: Path,
+    final: Path,
+    last_good: Callable[[], str],
+    passes: tuple[type, ...] = (),
+    passes_if: Callable[[BaseException], object] = lambda e: None,
+):
     """A write error (a full disk, a quota, a failing device) while making a checkpoint: the unfinished
     ``tmp`` is removed and the run ends with one line; the last good checkpoint is untouched. Exceptions of
     the ``passes`` types, and those for which ``passes_if`` is not None (a lost peer process: not a write
@@ -67,9 +73,11 @@ def writing(tmp: Path, final: Path, last_good: Callable[[], str], passes: tuple[
 def write_failed(tmp: Path, final: Path, e: Exception, last_good: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     lines = str(getattr(e, "strerror", None) or e).strip().splitlines() or [type(e).__name__]
-    raise UserError(f"could not write checkpoint {final.name} in {final.parent}: {lines[0][:300]}; the last good "
-                    f"checkpoint, {last_good}, is unchanged (make room, then continue with "
-                    "--resume latest)") from None
+    raise UserError(
+        f"could not write checkpoint {final.name} in {final.parent}: {lines[0][:300]}; the last good "
+        f"checkpoint, {last_good}, is unchanged (make room, then continue with "
+        "--resume latest)"
+    ) from None
 
 
 def check_identity(path: Path, saved: dict, cfg: TrainConfig, fingerprint: dict) -> list:
@@ -86,8 +94,11 @@ def check_identity(path: Path, saved: dict, cfg: TrainConfig, fingerprint: dict)
     if not isinstance(saved_cfg, dict):
         raise UserError(f"checkpoint {path} has a config.yaml that is not a mapping")
     if "data" not in saved:
-        logger.warning("checkpoint %s records no data fingerprint (written by an older version): the training "
-                       "data cannot be compared", path)
+        logger.warning(
+            "checkpoint %s records no data fingerprint (written by an older version): the training "
+            "data cannot be compared",
+            path,
+        )
     return identity.check_resume(path, saved_cfg, saved.get("data"), cfg, fingerprint)
 
 
@@ -95,15 +106,23 @@ def check_schedule(path: Path, saved: dict, steps_per_epoch: int, total_steps: i
     """The checkpoint's epoch length must be this run's (same data, batch size and process count); a changed
     schedule length is said (unless ``--resume-override`` rebuilds the schedule anyway)."""
     if saved.get("steps_per_epoch") != steps_per_epoch:
-        raise UserError(f"checkpoint {path} was made with {saved.get('steps_per_epoch')} steps per epoch, "
-                        f"this run has {steps_per_epoch}: same data, batch size and process count needed")
+        raise UserError(
+            f"checkpoint {path} was made with {saved.get('steps_per_epoch')} steps per epoch, "
+            f"this run has {steps_per_epoch}: same data, batch size and process count needed"
+        )
     if not overridden and saved.get("total_steps") != total_steps:
-        logger.warning("checkpoint %s was made for a %s-step schedule; this run has %d steps (--epochs/--max-steps"
-                       " changed): the cosine schedule changes from here", path, saved.get("total_steps"), total_steps)
+        logger.warning(
+            "checkpoint %s was made for a %s-step schedule; this run has %d steps (--epochs/--max-steps"
+            " changed): the cosine schedule changes from here",
+            path,
+            saved.get("total_steps"),
+            total_steps,
+        )
 
 
-def apply_override(cfg: TrainConfig, optimizer, scheduler, path: Path, applied: list, metrics: Path | None,
-                   step: int) -> None:
+def apply_override(
+    cfg: TrainConfig, optimizer, scheduler, path: Path, applied: list, metrics: Path | None, step: int
+) -> None:
     """Continue with the new values: optimiser hyper-parameters and the lr schedule are rebuilt from this
     run's config (the checkpoint's optimizer and scheduler state carry the old ones), and the change is
     recorded in ``metrics`` (``metrics.jsonl``; None on the processes that do not write it)."""
@@ -130,6 +149,7 @@ def trim_logs(step: int, metrics: Path | None, skipped_images: Path) -> None:
     ``metrics`` (``metrics.jsonl``, on the main process; None elsewhere) and this process's
     ``skipped_images*.txt``; a line cut short by a kill is dropped too.
     """
+
     def keep(path: Path, step_of) -> None:
         if not path.is_file():
             return

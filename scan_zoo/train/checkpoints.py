@@ -3,6 +3,7 @@ resume continues from, moving a resumed line's newer checkpoints aside, and clea
 left. The trainer (:mod:`scan_zoo.train.trainer`) writes them; see its docstring for the layout and for
 why a kill at any instruction leaves a usable run.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.files import sha256_file
@@ -24,7 +24,7 @@ ABANDONED_DIR = "abandoned_checkpoints"  # newer checkpoints of a line a resume 
 STATE_FILE = "train_state.json"
 
 
-def checkpoint_problem(path: Path, verify: bool = False) -> Optional[str]:
+def checkpoint_problem(path: Path, verify: bool = False) -> str | None:
     """Why ``path`` is not a complete checkpoint, or None when it is one.
 
     Complete: ``train_state.json`` parses, and every file it lists is there with the size recorded
@@ -82,18 +82,17 @@ def remove_leftovers(run_dir: Path) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _folder_step(path: Path) -> Optional[int]:
+def _folder_step(path: Path) -> int | None:
     try:
-        return int(path.name[len("step_"):])
+        return int(path.name[len("step_") :])
     except ValueError:
         return None
 
 
-def abandon_newer(run_dir: Path, step: int) -> Optional[Path]:
+def abandon_newer(run_dir: Path, step: int) -> Path | None:
     """Move the checkpoints of steps after ``step`` to ``<run>/abandoned_checkpoints/<time>/`` (kept, not deleted),
     so that ``latest`` means the line being continued. Returns where they went (None: there were none)."""
-    newer = sorted(d for d in (Path(run_dir) / CKPT_DIR).glob("step_*")
-                   if d.is_dir() and (_folder_step(d) or 0) > step)
+    newer = sorted(d for d in (Path(run_dir) / CKPT_DIR).glob("step_*") if d.is_dir() and (_folder_step(d) or 0) > step)
     if not newer:
         return None
     base = Path(run_dir) / ABANDONED_DIR / time.strftime("%Y%m%d-%H%M%S")
@@ -141,11 +140,13 @@ def last_good(run_dir: Path) -> str:
     return f"none yet (in {Path(run_dir) / CKPT_DIR})"
 
 
-def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
+def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
     if cfg.resume in (None, "", "none"):
         if list_checkpoints(run_dir):
-            raise UserError(f"{run_dir} already holds checkpoints: pass --resume latest to continue that run, "
-                            "or choose another --output-dir")
+            raise UserError(
+                f"{run_dir} already holds checkpoints: pass --resume latest to continue that run, "
+                "or choose another --output-dir"
+            )
         return None
     if cfg.resume == "latest":
         ckpts = list_checkpoints(run_dir)
@@ -155,8 +156,10 @@ def resolve_resume(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
         problem = checkpoint_problem(ckpts[-1], verify=True)
         if problem:
             older = f"--resume {ckpts[-2]}" if len(ckpts) > 1 else "a new --output-dir"
-            raise UserError(f"the newest checkpoint {ckpts[-1]} is corrupt: {problem}; no older one is taken in its "
-                            f"place silently: continue from the one before with {older}")
+            raise UserError(
+                f"the newest checkpoint {ckpts[-1]} is corrupt: {problem}; no older one is taken in its "
+                f"place silently: continue from the one before with {older}"
+            )
         return ckpts[-1]
     path = Path(cfg.resume)
     problem = checkpoint_problem(path)

@@ -14,6 +14,7 @@ A callback runs inside the training loop: whatever it does (block, write a file,
 that moment, which is what the crash and preemption tests use (tests/pause_train.py). A callback that
 blocks on one process blocks the others at their next collective.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable

@@ -9,6 +9,7 @@ workers, logging, checkpoint cadence, paths) may differ. Fields that size the ch
 
 Checkpoints record each of their files' sha256 (:func:`scan_zoo.common.files.sha256_file`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,7 @@ import json
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.data.digits import DONE_FILE
@@ -25,18 +26,48 @@ from scan_zoo.train.config import TrainConfig
 # Fields that cannot change the trained weights: how fast, where and how often things are written, and
 # paths whose content is fingerprinted instead (the data tree, the neighbour table, the weights a SCAN run
 # starts from, which a resumed run replaces by the checkpoint's anyway).
-NEUTRAL = frozenset({
-    "output_dir", "data", "data_cache", "neighbors", "appearance_model", "init_from",
-    "num_workers", "log_every_steps", "save_every_epochs", "save_every_steps", "keep_checkpoints",
-    "stop_after_steps", "preempt_signals", "time_limit", "time_limit_margin", "resume", "resume_override", "strict_data", "skip_nonfinite", "deterministic",
-    "knn_k", "knn_temperature", "dist_timeout",
-})
+NEUTRAL = frozenset(
+    {
+        "output_dir",
+        "data",
+        "data_cache",
+        "neighbors",
+        "appearance_model",
+        "init_from",
+        "num_workers",
+        "log_every_steps",
+        "save_every_epochs",
+        "save_every_steps",
+        "keep_checkpoints",
+        "stop_after_steps",
+        "preempt_signals",
+        "time_limit",
+        "time_limit_margin",
+        "resume",
+        "resume_override",
+        "strict_data",
+        "skip_nonfinite",
+        "deterministic",
+        "knn_k",
+        "knn_temperature",
+        "dist_timeout",
+    }
+)
 
 # Fields that decide which tensors a checkpoint holds, and their shapes: no override can make it fit.
-STRUCTURAL = frozenset({
-    "method", "model", "proj_dim", "queue_size", "dsc_dense_dim", "dsc_queue_size", "dsc_assign",
-    "dsc_clusters", "dsc_feature_layer",
-})
+STRUCTURAL = frozenset(
+    {
+        "method",
+        "model",
+        "proj_dim",
+        "queue_size",
+        "dsc_dense_dim",
+        "dsc_queue_size",
+        "dsc_assign",
+        "dsc_clusters",
+        "dsc_feature_layer",
+    }
+)
 
 DATA = "data"  # the name --resume-override takes for a changed training set
 
@@ -44,7 +75,6 @@ DATA = "data"  # the name --resume-override takes for a changed training set
 def identity_fields() -> list[str]:
     """Every TrainConfig field that is part of a run's identity, in declaration order."""
     return [f.name for f in fields(TrainConfig) if f.name not in NEUTRAL]
-
 
 
 def data_fingerprint(train_base, data_root: Path, neighbors=None) -> dict:
@@ -95,7 +125,7 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[tuple[str, Any, An
     return out
 
 
-def data_difference(saved: Optional[dict], now: dict) -> Optional[str]:
+def data_difference(saved: dict | None, now: dict) -> str | None:
     """How the training data differs from the checkpoint's (None: the same, or an old checkpoint without a
     fingerprint, which cannot tell)."""
     if not saved:
@@ -113,7 +143,7 @@ def data_difference(saved: Optional[dict], now: dict) -> Optional[str]:
     return ", ".join(parts) or None
 
 
-def parse_override(value: Optional[str]) -> set[str]:
+def parse_override(value: str | None) -> set[str]:
     """``--resume-override lr,epochs`` as a set of field names (``data`` for the training set), checked."""
     if not value:
         return set()
@@ -121,13 +151,16 @@ def parse_override(value: Optional[str]) -> set[str]:
     known = {f.name for f in fields(TrainConfig)} | {DATA}
     unknown = sorted(names - known)
     if unknown:
-        raise UserError(f"--resume-override names unknown option(s): {', '.join(unknown)} "
-                        "(give config field names, e.g. lr,epochs, or 'data' for a changed training set)")
+        raise UserError(
+            f"--resume-override names unknown option(s): {', '.join(unknown)} "
+            "(give config field names, e.g. lr,epochs, or 'data' for a changed training set)"
+        )
     return names
 
 
-def check_resume(ckpt: Path, saved_cfg: dict, saved_data: Optional[dict], cfg: TrainConfig,
-                 data_now: dict) -> list[tuple[str, Any, Any]]:
+def check_resume(
+    ckpt: Path, saved_cfg: dict, saved_data: dict | None, cfg: TrainConfig, data_now: dict
+) -> list[tuple[str, Any, Any]]:
     """Refuse (one ``UserError`` line naming each differing field, old -> new) to continue a checkpoint
     made by a different run, unless each difference is named in ``cfg.resume_override``.
 
@@ -140,18 +173,21 @@ def check_resume(ckpt: Path, saved_cfg: dict, saved_data: Optional[dict], cfg: T
     structural = [d for d in diffs if d[0] in STRUCTURAL]
     if structural:
         text = ", ".join(f"{n} {_show(o)} -> {_show(v)}" for n, o, v in structural)
-        raise UserError(f"cannot resume {ckpt}: it belongs to another kind of run ({text}), whose tensors do not "
-                        "fit this one; no --resume-override can change that: start a new run in another --output-dir")
+        raise UserError(
+            f"cannot resume {ckpt}: it belongs to another kind of run ({text}), whose tensors do not "
+            "fit this one; no --resume-override can change that: start a new run in another --output-dir"
+        )
     refused = [d for d in diffs if d[0] not in allowed]
     if data_diff and DATA not in allowed:
         refused.append((DATA, None, None))
     if refused:
-        text = ", ".join(f"data ({data_diff})" if n == DATA else f"{n} {_show(o)} -> {_show(v)}"
-                         for n, o, v in refused)
+        text = ", ".join(f"data ({data_diff})" if n == DATA else f"{n} {_show(o)} -> {_show(v)}" for n, o, v in refused)
         names = ",".join(sorted({n for n, _, _ in refused} | (allowed & {n for n, _, _ in diffs})))
-        raise UserError(f"cannot resume {ckpt}: this run differs from the one that wrote it: {text}; "
-                        f"pass --resume-override {names} to continue it with the new values, or choose another "
-                        "--output-dir for a new run")
+        raise UserError(
+            f"cannot resume {ckpt}: this run differs from the one that wrote it: {text}; "
+            f"pass --resume-override {names} to continue it with the new values, or choose another "
+            "--output-dir for a new run"
+        )
     applied = [d for d in diffs if d[0] in allowed]
     if data_diff:
         applied.append((DATA, saved_data, data_now))

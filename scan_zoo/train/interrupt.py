@@ -22,6 +22,7 @@ process of the job); torch's own SIGTERM handler in the workers is replaced by :
 the context SIGINT is Python's usual KeyboardInterrupt and a preemption signal raises
 :class:`PreemptedOutside` (:func:`preempt_outside`), which train.py turns into the same kind of line.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,9 @@ class Interrupted(Exception):
 
     def __init__(self, step: int, checkpoint: str):
         self.step, self.checkpoint = step, str(checkpoint)
-        super().__init__(f"interrupted at step {step}; the last checkpoint is {self.checkpoint}; "
-                         "continue with --resume latest")
+        super().__init__(
+            f"interrupted at step {step}; the last checkpoint is {self.checkpoint}; continue with --resume latest"
+        )
 
 
 class Preempted(Exception):
@@ -56,8 +58,10 @@ class Preempted(Exception):
 
     def __init__(self, step: int, checkpoint: str, why: str):
         self.step, self.checkpoint, self.why = step, str(checkpoint), why
-        super().__init__(f"preempted ({why}) at step {step}; the last checkpoint is {self.checkpoint}; "
-                         "requeue and continue with --resume latest")
+        super().__init__(
+            f"preempted ({why}) at step {step}; the last checkpoint is {self.checkpoint}; "
+            "requeue and continue with --resume latest"
+        )
 
 
 class PreemptedOutside(BaseException):
@@ -79,8 +83,10 @@ def parse_signals(text: str | None) -> tuple[signal.Signals, ...]:
         name = name[3:] if name.startswith("SIG") else name
         sig = getattr(signal, f"SIG{name}", None) if name and name not in NEVER else None
         if not isinstance(sig, signal.Signals):
-            raise UserError(f"--preempt-signals {text!r}: {part.strip()!r} is not a signal this can handle "
-                            "(give names such as TERM,USR1, or none; INT is Ctrl-C's)")
+            raise UserError(
+                f"--preempt-signals {text!r}: {part.strip()!r} is not a signal this can handle "
+                "(give names such as TERM,USR1, or none; INT is Ctrl-C's)"
+            )
         found.append(sig)
     return tuple(dict.fromkeys(found))
 
@@ -95,7 +101,7 @@ def parse_duration(text: str, what: str = "--time-limit") -> float:
             values = [int(p) for p in parts]
             if any(v >= 60 for v in values[1:]):
                 raise ValueError
-            seconds = float(sum(v * 60 ** i for i, v in enumerate(reversed(values))))
+            seconds = float(sum(v * 60**i for i, v in enumerate(reversed(values))))
         else:
             raise ValueError
     except ValueError:
@@ -130,15 +136,17 @@ class Deadline:
     measured only a deadline already past is due.
     """
 
-    def __init__(self, end: float | None, why: str = "", margin: float | None = None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self, end: float | None, why: str = "", margin: float | None = None, clock: Callable[[], float] = time.time
+    ):
         self.end, self.why, self.margin, self.clock = end, why, margin, clock
         self.step_s: float | None = None
         self.checkpoint_s: float | None = None
 
     @classmethod
-    def from_config(cls, time_limit: str | None, margin: float | None,
-                    environ: Mapping[str, str] = os.environ) -> "Deadline":
+    def from_config(
+        cls, time_limit: str | None, margin: float | None, environ: Mapping[str, str] = os.environ
+    ) -> "Deadline":
         ends = []
         if time_limit:
             ends.append((process_start_time() + parse_duration(time_limit), f"--time-limit {time_limit}"))
@@ -187,8 +195,7 @@ class StopRequest:
     the context does nothing.
     """
 
-    def __init__(self, abort: Callable[[], Interrupted], notice: bool = True,
-                 preempt: tuple[signal.Signals, ...] = ()):
+    def __init__(self, abort: Callable[[], Interrupted], notice: bool = True, preempt: tuple[signal.Signals, ...] = ()):
         self.abort, self.notice, self.preempt = abort, notice, tuple(preempt)
         self.requested = False
         self.preempted: str | None = None
@@ -212,8 +219,11 @@ class StopRequest:
         if self.preempted is None:
             self.preempted = signal.Signals(signum).name
             if self.notice:
-                logger.warning("%s: preempted; stopping after this step and saving a checkpoint (exit status %d)",
-                               self.preempted, EXIT_PREEMPTED)
+                logger.warning(
+                    "%s: preempted; stopping after this step and saving a checkpoint (exit status %d)",
+                    self.preempted,
+                    EXIT_PREEMPTED,
+                )
 
     def _handle_term(self, signum, frame) -> None:
         """SIGTERM when it is not a preemption signal: after Ctrl-C, the launcher ending us; else the default."""

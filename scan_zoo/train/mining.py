@@ -6,6 +6,7 @@ ResNet-50: 1.28M x 2048 float32 = 10.5 GB) each process writes its shard of the 
 the table instead of all-gathering them into every process's memory, and the main process mines that file,
 memory-mapped, one class at a time (``benchmarks/mine.py``); the file is removed afterwards.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 FEATURES_IN_MEMORY_MAX_BYTES = 2 << 30
 
 
-
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -45,13 +45,16 @@ def _barrier() -> None:
 def check_k(k: int) -> None:
     """A neighbour table holds K >= 0 neighbours per image; K = -1 (every same-class image) has no table."""
     if k < 0:
-        raise UserError(f"K (--k) must be >= 0 neighbours per image, not {k} (K = -1, every same-class image "
-                        "a positive, is --method supcon, which needs no neighbour table)")
+        raise UserError(
+            f"K (--k) must be >= 0 neighbours per image, not {k} (K = -1, every same-class image "
+            "a positive, is --method supcon, which needs no neighbour table)"
+        )
 
 
 @torch.no_grad()
-def extract_to_file(backbone, images, path: Path, batch_size: int, num_workers: int, device,
-                    progress: bool = True) -> np.ndarray:
+def extract_to_file(
+    backbone, images, path: Path, batch_size: int, num_workers: int, device, progress: bool = True
+) -> np.ndarray:
     """Pooled float32 features of ``images`` (yielding ``(image, label, index)``) written into the ``.npy`` file
     ``path``, ``[N, D]`` in data set order: each process its contiguous shard, nothing gathered. Every
     process calls it; returns the file memory-mapped read-only. The numbers are :func:`extract_features`'s."""
@@ -66,8 +69,9 @@ def extract_to_file(backbone, images, path: Path, batch_size: int, num_workers: 
     loader = DataLoader(Subset(images, range(lo, hi)), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     was_training = backbone.training
     backbone.eval()
-    for x, _, index in tqdm(loader, desc="appearance features", disable=not progress or rank != 0, unit="batch",
-                            leave=False):
+    for x, _, index in tqdm(
+        loader, desc="appearance features", disable=not progress or rank != 0, unit="batch", leave=False
+    ):
         out[index.numpy()] = backbone(x.to(device)).float().cpu().numpy()  # [b, D] rows of these images
     backbone.train(was_training)
     out.flush()
@@ -76,10 +80,20 @@ def extract_to_file(backbone, images, path: Path, batch_size: int, num_workers: 
     return np.load(path, mmap_mode="r")
 
 
-def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, image_size: int,
-                 eval_resize: int | None = None, arch: str | None = None, accelerator=None,
-                 batch_size: int = 256, num_workers: int = 2, base=None,
-                 in_memory_max_bytes: int = FEATURES_IN_MEMORY_MAX_BYTES) -> torch.Tensor:
+def mine_dataset(
+    appearance_model: str,
+    data_root: Path,
+    out: Path,
+    k: int,
+    image_size: int,
+    eval_resize: int | None = None,
+    arch: str | None = None,
+    accelerator=None,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    base=None,
+    in_memory_max_bytes: int = FEATURES_IN_MEMORY_MAX_BYTES,
+) -> torch.Tensor:
     """Extract features of ``data_root/train`` with ``appearance_model`` and mine its top-K table into ``out``.
 
     With several processes each extracts a shard; the main process mines and writes; all return the table.
@@ -91,8 +105,10 @@ def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, imag
     targets = torch.as_tensor(base.targets).long()  # [N]
     largest = int(torch.bincount(targets).max()) if len(targets) else 0
     if k > 0 and k >= largest:
-        raise UserError(f"K={k} neighbours per image, but the largest class of {data_root} has {largest} "
-                        f"training images (at most {largest - 1} neighbours each): use a smaller --k")
+        raise UserError(
+            f"K={k} neighbours per image, but the largest class of {data_root} has {largest} "
+            f"training images (at most {largest - 1} neighbours each): use a smaller --k"
+        )
     backbone, desc = load_backbone(appearance_model, arch=arch)
     check_input_size(backbone, image_size, desc)
     prov = dataset_provenance(base, k, desc)
@@ -112,8 +128,9 @@ def mine_dataset(appearance_model: str, data_root: Path, out: Path, k: int, imag
         feats = extract_to_file(backbone.to(device), images, feature_file, batch_size, num_workers, device, main)
         labels = targets  # what EvalImages yields
     else:
-        feats, labels = extract_features(backbone.to(device), images, batch_size, num_workers, device,
-                                         desc="appearance features", progress=main)
+        feats, labels = extract_features(
+            backbone.to(device), images, batch_size, num_workers, device, desc="appearance features", progress=main
+        )
     if main:
         indices, sims = mine_neighbors(feats, labels, k, progress=True)
         save_neighbors(out, indices, sims, prov)
@@ -136,8 +153,19 @@ def neighbors_for(cfg, data_root: Path, run_dir: Path, accelerator=None) -> torc
         expect = {key: prov[key] for key in ("num_images", "num_classes", "fingerprint", "k")}
         return load_neighbors(cfg.neighbors, expect, labels=torch.as_tensor(base.targets))[0]
     if cfg.appearance_model:
-        return mine_dataset(cfg.appearance_model, data_root, Path(run_dir) / "neighbors.safetensors", cfg.k,
-                            cfg.image_size, cfg.eval_resize, arch=cfg.model, accelerator=accelerator, base=base)
-    raise UserError("--method scan needs positive neighbours: pass --neighbors FILE (from `scan-zoo mine`) or "
-                    "--appearance-model MODEL (a label-free model, e.g. a MoCo run directory, to mine them with); "
-                    "or run the whole pipeline with --method pipeline")
+        return mine_dataset(
+            cfg.appearance_model,
+            data_root,
+            Path(run_dir) / "neighbors.safetensors",
+            cfg.k,
+            cfg.image_size,
+            cfg.eval_resize,
+            arch=cfg.model,
+            accelerator=accelerator,
+            base=base,
+        )
+    raise UserError(
+        "--method scan needs positive neighbours: pass --neighbors FILE (from `scan-zoo mine`) or "
+        "--appearance-model MODEL (a label-free model, e.g. a MoCo run directory, to mine them with); "
+        "or run the whole pipeline with --method pipeline"
+    )

@@ -9,6 +9,7 @@ learns the outcome, so all of them fail alike. A flock belongs to an open file d
 acquisition from the same process would conflict with the first: locks are counted per process and
 directory instead (:func:`hold` nests).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -17,7 +18,7 @@ import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 from accelerate.utils import broadcast_object_list
 
@@ -54,7 +55,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _owner(text: str) -> tuple[Optional[int], str]:
+def _owner(text: str) -> tuple[int | None, str]:
     pid, _, host = text.strip().partition(" ")
     try:
         return int(pid), host
@@ -62,7 +63,7 @@ def _owner(text: str) -> tuple[Optional[int], str]:
         return None, host
 
 
-def _acquire(run_dir: Path) -> Optional[str]:
+def _acquire(run_dir: Path) -> str | None:
     """Take the lock of ``run_dir`` for this process; None, or the one-line reason it is taken."""
     key = os.path.realpath(run_dir)
     if key in _held:
@@ -81,8 +82,10 @@ def _acquire(run_dir: Path) -> Optional[str]:
         pid, host = _owner(f.read())
         f.close()
         who = f"pid {pid} on {host}" if pid is not None else "another process"
-        return (f"{run_dir} is in use by another run ({who}, lock file {path}): wait for it to end, "
-                "or choose another --output-dir")
+        return (
+            f"{run_dir} is in use by another run ({who}, lock file {path}): wait for it to end, "
+            "or choose another --output-dir"
+        )
     f.seek(0)
     pid, host = _owner(f.read())
     here = socket.gethostname()

@@ -5,6 +5,7 @@ the per-process agreement both need (every process decides alike, at the same st
 :class:`StepGuards` is a part of :class:`scan_zoo.train.trainer.Trainer`; it uses the trainer's ``acc``,
 ``cfg``, ``state``, ``model`` and ``run_dir``.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,11 +45,20 @@ class StepGuards:
         step = self.state.step + 1  # numbered as in metrics.jsonl: the first step is step 1
         self.skipped_batches += 1
         where = f" on {processes} of {self.acc.num_processes} processes" if self.acc.num_processes > 1 else ""
-        logger.warning("skipped step %d (epoch %d): every image of its batch was unreadable%s (listed in %s)", step,
-                       self.state.epoch, where, self.run_dir / self._skipped_images_file())
+        logger.warning(
+            "skipped step %d (epoch %d): every image of its batch was unreadable%s (listed in %s)",
+            step,
+            self.state.epoch,
+            where,
+            self.run_dir / self._skipped_images_file(),
+        )
         if self.acc.is_main_process:
-            row = {"step": step, "epoch": self.state.epoch, "skipped_unreadable": self.skipped_batches,
-                   "processes": processes}
+            row = {
+                "step": step,
+                "epoch": self.state.epoch,
+                "skipped_unreadable": self.skipped_batches,
+                "processes": processes,
+            }
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         self.acc.log({"skipped_unreadable": self.skipped_batches}, step=step)
@@ -73,21 +83,35 @@ class StepGuards:
         where = f" on {processes} of {self.acc.num_processes} processes" if self.acc.num_processes > 1 else ""
         what = f"loss is not finite at step {step} (epoch {self.state.epoch}){where}: {text}"
         if self.state.skipped_nonfinite >= cfg.skip_nonfinite:
-            allowance = (f"{self.state.skipped_nonfinite} non-finite step(s) skipped already, the most "
-                         f"--skip-nonfinite {cfg.skip_nonfinite} allows" if cfg.skip_nonfinite else
-                         "--skip-nonfinite N would skip up to N such steps")
+            allowance = (
+                f"{self.state.skipped_nonfinite} non-finite step(s) skipped already, the most "
+                f"--skip-nonfinite {cfg.skip_nonfinite} allows"
+                if cfg.skip_nonfinite
+                else "--skip-nonfinite N would skip up to N such steps"
+            )
             raise NonFiniteLoss(f"{what}; the last good checkpoint is {self._last_good()} ({allowance})")
         broken = self._nonfinite_tensors()
         if self._count_processes(bool(broken)):
-            raise NonFiniteLoss(f"{what}; the model state is not finite either ({name_list(broken)}), so skipping cannot "
-                                f"help; the last good checkpoint is {self._last_good()}")
+            raise NonFiniteLoss(
+                f"{what}; the model state is not finite either ({name_list(broken)}), so skipping cannot "
+                f"help; the last good checkpoint is {self._last_good()}"
+            )
         self.state.skipped_nonfinite += 1
-        logger.warning("skipped step %d (%d of at most %d non-finite steps): %s", step, self.state.skipped_nonfinite,
-                       cfg.skip_nonfinite, what)
+        logger.warning(
+            "skipped step %d (%d of at most %d non-finite steps): %s",
+            step,
+            self.state.skipped_nonfinite,
+            cfg.skip_nonfinite,
+            what,
+        )
         if self.acc.is_main_process:
             json_terms = [{k: (v if math.isfinite(v) else str(v)) for k, v in t.items()} for t in terms]
-            row = {"step": step, "epoch": self.state.epoch, "skipped_nonfinite": self.state.skipped_nonfinite,
-                   "terms": json_terms if len(json_terms) > 1 else json_terms[0]}
+            row = {
+                "step": step,
+                "epoch": self.state.epoch,
+                "skipped_nonfinite": self.state.skipped_nonfinite,
+                "terms": json_terms if len(json_terms) > 1 else json_terms[0],
+            }
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         self.acc.log({"skipped_nonfinite": self.state.skipped_nonfinite}, step=step)

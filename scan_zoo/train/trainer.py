@@ -30,6 +30,7 @@ the same step, with a checkpoint (:mod:`scan_zoo.train.interrupt`). The files: t
 (:mod:`scan_zoo.train.step_guards`), what a run is built from (:mod:`scan_zoo.train.builders`), the
 callbacks a caller watches a run with (:mod:`scan_zoo.train.events`).
 """
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,16 @@ from scan_zoo.train.config import TrainConfig
 from scan_zoo.train.events import Callback, emit
 from scan_zoo.train.step_guards import NonFiniteLoss, StepGuards, name_list
 
-__all__ = ["NonFiniteLoss", "TrainState", "Trainer", "cosine_lr", "eval_dataset", "make_accelerator", "train_loader",
-           "train_transform"]
+__all__ = [
+    "NonFiniteLoss",
+    "TrainState",
+    "Trainer",
+    "cosine_lr",
+    "eval_dataset",
+    "make_accelerator",
+    "train_loader",
+    "train_transform",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +106,13 @@ class Trainer(StepGuards):
     ``callbacks`` are called at the points of :mod:`scan_zoo.train.events` (each with a
     :class:`scan_zoo.train.events.TrainEvent`)."""
 
-    def __init__(self, cfg: TrainConfig, accelerator=None, neighbors: torch.Tensor | None = None,
-                 callbacks: Iterable[Callback] = ()):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        accelerator=None,
+        neighbors: torch.Tensor | None = None,
+        callbacks: Iterable[Callback] = (),
+    ):
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.run_dir = Path(cfg.output_dir)
@@ -115,8 +129,11 @@ class Trainer(StepGuards):
         n = len(self.train_base)
         if cfg.strict_data:
             try:
-                verify_images([p for p, _ in self.train_base.samples], progress=acc.is_main_process,
-                              left_out=getattr(self.train_base, "skipped", ()))
+                verify_images(
+                    [p for p, _ in self.train_base.samples],
+                    progress=acc.is_main_process,
+                    left_out=getattr(self.train_base, "skipped", ()),
+                )
             except UnreadableImage as e:
                 raise UserError(f"unreadable training image (--strict-data): {e}") from None
         if cfg.method != "supervised" and cfg.queue_size >= n:
@@ -138,9 +155,14 @@ class Trainer(StepGuards):
             self.init_from(cfg.init_from)
 
         anchors = cfg.batch_size // cfg.group_size
-        self.sampler = data_lib.NeighborBatchSampler(n, anchors, neighbors if cfg.method == "scan" else None,
-                                                     rank=acc.process_index, world_size=acc.num_processes,
-                                                     seed=cfg.seed)
+        self.sampler = data_lib.NeighborBatchSampler(
+            n,
+            anchors,
+            neighbors if cfg.method == "scan" else None,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            seed=cfg.seed,
+        )
         self.loader, self.device_views = train_loader(cfg, self.train_base, self.sampler, acc.device)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -150,8 +172,7 @@ class Trainer(StepGuards):
 
         params = [p for p in self.method.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: cosine_lr(s, self.total_steps, warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, self.total_steps, warmup))
         self.model, self.optimizer = acc.prepare(self.method, optimizer)
         self.state = TrainState()
         self.saved_step = -1  # step of the newest checkpoint on disk
@@ -192,8 +213,10 @@ class Trainer(StepGuards):
         started = time.perf_counter()
         broken = self._nonfinite_tensors()
         if self._count_processes(bool(broken)):  # never replace good checkpoints by a poisoned one
-            raise NonFiniteLoss(f"the model state is not finite after step {step} ({name_list(broken)}); no "
-                                f"checkpoint written, the last good one is {self._last_good()}")
+            raise NonFiniteLoss(
+                f"the model state is not finite after step {step} ({name_list(broken)}); no "
+                f"checkpoint written, the last good one is {self._last_good()}"
+            )
         tmp = root / f".tmp_step_{step:08d}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -205,11 +228,16 @@ class Trainer(StepGuards):
         acc.wait_for_everyone()
         if acc.is_main_process:
             with self._writing(tmp, final):
-                state = {**asdict(self.state), "scheduler": self.scheduler.state_dict(),
-                         "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                         "data": self.data_fingerprint()}
-                checkpoint_io.write_checkpoint_files(tmp, self.cfg, state,
-                                                     lambda: self._event("checkpoint_written", step))
+                state = {
+                    **asdict(self.state),
+                    "scheduler": self.scheduler.state_dict(),
+                    "total_steps": self.total_steps,
+                    "steps_per_epoch": self.steps_per_epoch,
+                    "data": self.data_fingerprint(),
+                }
+                checkpoint_io.write_checkpoint_files(
+                    tmp, self.cfg, state, lambda: self._event("checkpoint_written", step)
+                )
                 self._event("checkpoint_complete", step)
                 if final.exists():  # saved before (a run resumed from further back) or damaged: replaced
                     discard(final)
@@ -217,7 +245,7 @@ class Trainer(StepGuards):
                 fsync(root)
             self._event("checkpoint_renamed", step)
             others = [c for c in list_checkpoints(self.run_dir) if c != final]  # never prune the new one
-            for old in others[:max(0, len(others) - (max(1, self.cfg.keep_checkpoints) - 1))]:
+            for old in others[: max(0, len(others) - (max(1, self.cfg.keep_checkpoints) - 1))]:
                 discard(old)
         acc.wait_for_everyone()
         self.saved_step = step
@@ -244,14 +272,16 @@ class Trainer(StepGuards):
             lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
             raise UserError(f"checkpoint {path} does not fit this run: {' '.join(lines[:2])[:300]}") from None
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.state = TrainState(saved["epoch"], saved["step"], saved["step_in_epoch"],
-                                saved.get("skipped_nonfinite", 0))
+        self.state = TrainState(
+            saved["epoch"], saved["step"], saved["step_in_epoch"], saved.get("skipped_nonfinite", 0)
+        )
         self.saved_step = self.state.step
         metrics = self.run_dir / "metrics.jsonl" if self.acc.is_main_process else None
         checkpoint_io.trim_logs(self.state.step, metrics, self.run_dir / self._skipped_images_file())
         if applied:
-            checkpoint_io.apply_override(self.cfg, self.optimizer, self.scheduler, path, applied, metrics,
-                                         self.state.step)
+            checkpoint_io.apply_override(
+                self.cfg, self.optimizer, self.scheduler, path, applied, metrics, self.state.step
+            )
         logger.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
 
     # ---------------------------------------------------------------------------------- training
@@ -271,14 +301,23 @@ class Trainer(StepGuards):
             if resume is not None:
                 moved = abandon_newer(self.run_dir, self.state.step)
                 if moved:
-                    logger.warning("resumed from step %d, before the newest checkpoint: the newer ones are moved to "
-                                   "%s (kept, not deleted), so that --resume latest continues this line",
-                                   self.state.step, moved)
+                    logger.warning(
+                        "resumed from step %d, before the newest checkpoint: the newer ones are moved to "
+                        "%s (kept, not deleted), so that --resume latest continues this line",
+                        self.state.step,
+                        moved,
+                    )
             remove_leftovers(self.run_dir)
             cfg.save(self.run_dir / "config.yaml")
         acc.init_trackers("train", config={k: v for k, v in cfg.to_dict().items() if v is not None})
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not acc.is_main_process,
-                   desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            disable=not acc.is_main_process,
+            desc=f"{cfg.method}",
+            unit="step",
+            dynamic_ncols=True,
+        )
         # Reduced precision on the CPU: oneDNN's kernels gave NaN weight gradients in about one run of three
         # (torch 2.14, bf16, test_resnet; never with the native kernels), so they are switched off meanwhile.
         onednn = torch.backends.mkldnn.enabled
@@ -287,8 +326,11 @@ class Trainer(StepGuards):
             torch.backends.mkldnn.enabled = False
         # Ctrl-C or a preemption: the loop stops between two steps and a checkpoint is saved (scan_zoo.train.interrupt);
         # a second Ctrl-C stops at once, naming the newest complete checkpoint.
-        with interrupt.StopRequest(lambda: interrupt.Interrupted(self.state.step, self._last_good()),
-                                   notice=acc.is_main_process, preempt=self.preempt_signals) as stop:
+        with interrupt.StopRequest(
+            lambda: interrupt.Interrupted(self.state.step, self._last_good()),
+            notice=acc.is_main_process,
+            preempt=self.preempt_signals,
+        ) as stop:
             try:
                 self._train(bar, stop)
             finally:
@@ -309,8 +351,15 @@ class Trainer(StepGuards):
         if preempted:
             why = stop.preempted or (f"{self.deadline.why} reached" if self.time_up else "signalled on another process")
             raise interrupt.Preempted(self.state.step, ckpt, why)
-        summary = {"method": cfg.method, "model": cfg.model, "steps": self.state.step, "epochs": self.state.epoch,
-                   "finished": self.state.step >= self.total_steps, "checkpoint": str(ckpt), "run_dir": str(self.run_dir)}
+        summary = {
+            "method": cfg.method,
+            "model": cfg.model,
+            "steps": self.state.step,
+            "epochs": self.state.epoch,
+            "finished": self.state.step >= self.total_steps,
+            "checkpoint": str(ckpt),
+            "run_dir": str(self.run_dir),
+        }
         if summary["finished"]:
             summary["weights"] = str(self.export())
         return summary
@@ -334,8 +383,9 @@ class Trainer(StepGuards):
                     batch = self.device_views(batch, acc.device)  # here, on the device
                 self._record_skipped(batch.pop("skipped"))
                 self.time_up = self.time_up or self.deadline.due()
-                empty, interrupted, preempted = self._count_each(len(batch["index"]) == 0, stop.requested,
-                                                                 stop.preempted is not None or self.time_up)
+                empty, interrupted, preempted = self._count_each(
+                    len(batch["index"]) == 0, stop.requested, stop.preempted is not None or self.time_up
+                )
                 if interrupted or preempted:  # Ctrl-C or a preemption on some process: every process stops here
                     stopped = True
                     break
@@ -343,8 +393,10 @@ class Trainer(StepGuards):
                     bad = empty
                     self._unreadable_step(empty)
                 else:
-                    batch = {k: ([t.to(acc.device, non_blocking=True) for t in v] if k == "views"
-                                 else v.to(acc.device)) for k, v in batch.items()}
+                    batch = {
+                        k: ([t.to(acc.device, non_blocking=True) for t in v] if k == "views" else v.to(acc.device))
+                        for k, v in batch.items()
+                    }
                     out = self.model(batch)
                     loss = out["loss"]
                     bad = self._count_processes(~torch.isfinite(loss.detach()))  # every process decides alike
@@ -362,11 +414,16 @@ class Trainer(StepGuards):
                 if not bad and (self.state.step % cfg.log_every_steps == 0 or self.state.step == self.total_steps):
                     now = time.perf_counter()
                     stats = {k: acc.reduce(v.detach().float(), "mean").item() for k, v in out.items()}
-                    stats.update(lr=self.scheduler.get_last_lr()[0], images_per_s=images_since / (now - t_last),
-                                 epoch=self.state.epoch, skipped_images=self.skipped_images)
+                    stats.update(
+                        lr=self.scheduler.get_last_lr()[0],
+                        images_per_s=images_since / (now - t_last),
+                        epoch=self.state.epoch,
+                        skipped_images=self.skipped_images,
+                    )
                     t_last, images_since = now, 0
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.3g}",
-                                    img_s=f"{stats['images_per_s']:.0f}")
+                    bar.set_postfix(
+                        loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.3g}", img_s=f"{stats['images_per_s']:.0f}"
+                    )
                     acc.log(stats, step=self.state.step)
                     if acc.is_main_process:
                         with open(metrics_file, "a") as f:
@@ -396,9 +453,14 @@ class Trainer(StepGuards):
             method = self.acc.unwrap_model(self.model)
             head = method.encoder_q.head if hasattr(method, "encoder_q") else None
             dc = data_config_for(cfg.image_size, cfg.eval_resize, data_lib.IMAGENET_MEAN, data_lib.IMAGENET_STD)
-            extra = {"method": cfg.method, "steps": self.state.step, "epochs": self.state.epoch,
-                     "data": cfg.data, "num_train_images": len(self.train_base),
-                     "config": {k: v for k, v in cfg.to_dict().items() if v is not None}}
+            extra = {
+                "method": cfg.method,
+                "steps": self.state.step,
+                "epochs": self.state.epoch,
+                "data": cfg.data,
+                "num_train_images": len(self.train_base),
+                "config": {k: v for k, v in cfg.to_dict().items() if v is not None},
+            }
             export_backbone(method.backbone, self.run_dir, dc, extra, head=head)
         self.acc.wait_for_everyone()
         return path

@@ -3,18 +3,20 @@
 Nothing here is typed by hand: a number shown is either read from ``eval_results.json`` (measured by
 ``eval_linear.py``, with its protocol) or from an entry's ``reported`` field (a paper's number, labelled so).
 """
+
 from __future__ import annotations
 
 import math
 
 from scan_zoo.zoo.registry import ENTRIES, METHOD_NAMES, PAPERS, ZooEntry
 
-WHICH_SCAN = ("scan_zoo's SCAN is **Supervised Contrastive Adjustment in Neighborhood** (Wei et al., 2020): MoCo-v2 "
-              "contrastive pretraining in which each image's positives are the images of its own class that are "
-              "also among its K nearest neighbours in a label-free feature space. It is **not** \"SCAN: Learning "
-              "to Classify Images without Labels\" (Van Gansbeke et al., 2020), the clustering method with the "
-              "same acronym.")
-
+WHICH_SCAN = (
+    "scan_zoo's SCAN is **Supervised Contrastive Adjustment in Neighborhood** (Wei et al., 2020): MoCo-v2 "
+    "contrastive pretraining in which each image's positives are the images of its own class that are "
+    'also among its K nearest neighbours in a label-free feature space. It is **not** "SCAN: Learning '
+    'to Classify Images without Labels" (Van Gansbeke et al., 2020), the clustering method with the '
+    "same acronym."
+)
 
 
 def _protocol_text(p: dict) -> str:
@@ -55,16 +57,22 @@ def metrics_summary(entry: ZooEntry) -> str:
 def results_table(results: dict) -> str:
     if not results:
         return "Not evaluated yet: run `eval_linear.py` on this model to measure it.\n"
-    lines = ["| protocol | top-1 | top-5 | kNN top-1 (k=20, T=0.07) | data (train / val images) | settings |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| protocol | top-1 | top-5 | kNN top-1 (k=20, T=0.07) | data (train / val images) | settings |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         if not isinstance(r, dict) or "top1" not in r:
             continue
         knn = r.get("knn", {})
-        lines.append(f"| {name} | {r['top1']:.2f} | {r.get('top5', float('nan')):.2f} | "
-                     f"{knn.get('top1', float('nan')):.2f} | {r.get('dataset', '?')} ({r.get('train_images', '?')} / "
-                     f"{r.get('val_images', '?')}) | {_protocol_text(r.get('protocol', {}))} |")
-    return "\n".join(lines) + "\n\nTop-1/top-5 are the last epoch's (never the best epoch's).\n" + reproduce_text(results)
+        lines.append(
+            f"| {name} | {r['top1']:.2f} | {r.get('top5', float('nan')):.2f} | "
+            f"{knn.get('top1', float('nan')):.2f} | {r.get('dataset', '?')} ({r.get('train_images', '?')} / "
+            f"{r.get('val_images', '?')}) | {_protocol_text(r.get('protocol', {}))} |"
+        )
+    return (
+        "\n".join(lines) + "\n\nTop-1/top-5 are the last epoch's (never the best epoch's).\n" + reproduce_text(results)
+    )
 
 
 def reproduce_text(results: dict) -> str:
@@ -73,8 +81,10 @@ def reproduce_text(results: dict) -> str:
     for r in results.values():
         rep = r.get("reproduce") if isinstance(r, dict) else None
         if rep:
-            lines.append(f"\nReproduce: `{rep['command']}` prints these numbers: kNN exactly, linear top-1 within "
-                         f"{rep['linear_top1_tolerance']:.2f} points; {rep['note']}.\n")
+            lines.append(
+                f"\nReproduce: `{rep['command']}` prints these numbers: kNN exactly, linear top-1 within "
+                f"{rep['linear_top1_tolerance']:.2f} points; {rep['note']}.\n"
+            )
     return "".join(dict.fromkeys(lines))
 
 
@@ -82,13 +92,18 @@ def model_card(entry: ZooEntry, results: dict, sha256: str, train: dict) -> str:
     """The README.md of an exported / published model."""
     title, arxiv, bibtex = entry.paper
     repo = entry.facts.get("hf_hub_id") or entry.hf_hub_id or f"ORG/{entry.name}"
-    steps = f"{train.get('steps', '?')} steps ({train.get('epochs', '?')} epochs) on {train.get('num_train_images', '?')} images" \
-        if train else "see the recipe"
+    steps = (
+        f"{train.get('steps', '?')} steps ({train.get('epochs', '?')} epochs) on {train.get('num_train_images', '?')} images"
+        if train
+        else "see the recipe"
+    )
     reported = ""
     if entry.reported:
         r = entry.reported
-        reported = (f"\nThe paper reports linear top-1 {r['linear_top1']} for this recipe ({r['source']}). "
-                    "That is the paper's number, not a measurement of these weights.\n")
+        reported = (
+            f"\nThe paper reports linear top-1 {r['linear_top1']} for this recipe ({r['source']}). "
+            "That is the paper's number, not a measurement of these weights.\n"
+        )
     return f"""---
 library_name: timm
 license: {entry.license}
@@ -115,7 +130,7 @@ Backbone only: pooled features, no classifier.
 {entry.preprocess.image_size} px centre crop (crop_pct {entry.preprocess.crop_pct:.4f}),
   {entry.preprocess.interpolation}, mean {tuple(entry.preprocess.mean)}, std {tuple(entry.preprocess.std)}.
 - **Weights:** `model.safetensors`, sha256 `{sha256}`.
-{('- **Notes:** ' + entry.notes) if entry.notes else ''}
+{("- **Notes:** " + entry.notes) if entry.notes else ""}
 
 ## Results
 {results_table(results)}{reported}
@@ -145,8 +160,10 @@ This card was generated by `scan-zoo export` from the zoo registry and `eval_res
 
 def zoo_table() -> str:
     """The README's zoo table (between the zoo-table markers)."""
-    lines = ["| name | method | data | weights | linear top-1 (protocol) | kNN top-1 | recipe |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| name | method | data | weights | linear top-1 (protocol) | kNN top-1 | recipe |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for e in ENTRIES:
         if e.metrics:
             linear, knn = headline(e.metrics)
@@ -154,30 +171,46 @@ def zoo_table() -> str:
             linear, knn = f"{e.reported['linear_top1']} (paper)", "-"
         else:
             linear, knn = "-", "-"
-        where = {"shipped": "in the package", "published": f"Hub `{e.facts.get('hf_hub_id')}`",
-                 "recipe": "not yet trained"}[e.status]
+        where = {
+            "shipped": "in the package",
+            "published": f"Hub `{e.facts.get('hf_hub_id')}`",
+            "recipe": "not yet trained",
+        }[e.status]
         data = e.data.split(" (")[0]
         extra = "".join(f" `--{k.replace('_', '-')} {v}`" for k, v in e.overrides)
-        lines.append(f"| `{e.name}` | {METHOD_NAMES[e.method]} | {data} | {where} | {linear} | {knn} | "
-                     f"`{e.recipe}`{extra} |")
+        lines.append(
+            f"| `{e.name}` | {METHOD_NAMES[e.method]} | {data} | {where} | {linear} | {knn} | `{e.recipe}`{extra} |"
+        )
     reps = [r["reproduce"] for e in ENTRIES for r in e.metrics.values() if isinstance(r, dict) and "reproduce" in r]
     if reps:
         tol = max(r["linear_top1_tolerance"] for r in reps)
-        lines += ["", f"Measured numbers: `python eval_linear.py NAME` re-measures each, and the card prints the "
-                      f"command: kNN exactly, linear top-1 within {tol:.2f} points; {reps[0]['note']}."]
+        lines += [
+            "",
+            f"Measured numbers: `python eval_linear.py NAME` re-measures each, and the card prints the "
+            f"command: kNN exactly, linear top-1 within {tol:.2f} points; {reps[0]['note']}.",
+        ]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- a user's own run
 def _data_text(data: dict, num_train_images) -> str:
     fp = data.get("fingerprint") or {}
-    where = ("the embedded digit scenes (`--data digits`: scikit-learn's handwritten digits rendered as scenes)"
-             if data["kind"] == "digits" else f"the ImageFolder `{data['value']}` (its train/ split)")
+    where = (
+        "the embedded digit scenes (`--data digits`: scikit-learn's handwritten digits rendered as scenes)"
+        if data["kind"] == "digits"
+        else f"the ImageFolder `{data['value']}` (its train/ split)"
+    )
     counts = f"{fp.get('num_images', num_train_images)} training images"
     if fp.get("num_classes") is not None:
         counts += f", {fp['num_classes']} classes"
-    digest = (f"; fingerprint (sha256 of the sorted file list with labels and sizes, recorded by the final "
-              f"checkpoint) `{fp['files']}`") if fp.get("files") else "; no checkpoint fingerprint was found"
+    digest = (
+        (
+            f"; fingerprint (sha256 of the sorted file list with labels and sizes, recorded by the final "
+            f"checkpoint) `{fp['files']}`"
+        )
+        if fp.get("files")
+        else "; no checkpoint fingerprint was found"
+    )
     return f"{where}; {counts}{digest}"
 
 
@@ -199,16 +232,24 @@ def run_card(f: dict) -> str:
     starts = "".join(f"\n- **{k.replace('_', ' ')}:** `{v}`" for k, v in f["starts"].items())
     if f["results"]:
         commands = "\n".join(f"- `{k}`: `{c}`" for k, c in f["eval_commands"].items())
-        results = (f"Measured by `eval_linear.py` on these weights (their sha256 recorded in `eval_results.json`):\n\n"
-                   f"{results_table(f['results'])}\nTo measure them again (or with the exported folder in place of "
-                   f"`hf-hub:{f['name']}`):\n{commands}\n")
+        results = (
+            f"Measured by `eval_linear.py` on these weights (their sha256 recorded in `eval_results.json`):\n\n"
+            f"{results_table(f['results'])}\nTo measure them again (or with the exported folder in place of "
+            f"`hf-hub:{f['name']}`):\n{commands}\n"
+        )
     else:
-        results = ("No number was measured on these weights (the run holds no `eval_results.json` for them). "
-                   f"Measure them with `{f['measure_command']}`.\n")
+        results = (
+            "No number was measured on these weights (the run holds no `eval_results.json` for them). "
+            f"Measure them with `{f['measure_command']}`.\n"
+        )
     if f["dropped"]:
-        results += (f"\nLeft out: the run's results {f['dropped']} were not measured on these weights "
-                    "(their `weights_sha256` differs or is missing).\n")
-    not_scan = "" if f["method"] == "scan" else " (this model is not SCAN: it is one of the methods SCAN is compared with)"
+        results += (
+            f"\nLeft out: the run's results {f['dropped']} were not measured on these weights "
+            "(their `weights_sha256` differs or is missing).\n"
+        )
+    not_scan = (
+        "" if f["method"] == "scan" else " (this model is not SCAN: it is one of the methods SCAN is compared with)"
+    )
     return f"""---
 library_name: timm
 tags:

@@ -12,6 +12,7 @@ Weights are safetensors only; every sha256 the registry knows is checked before 
 are downloaded by :func:`download_weights` alone: it asks the Hub for the lock's commit id, and every part of
 the cache path it writes comes from the checked lock entry, never from the server's reply.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,6 @@ import shutil
 import time
 from datetime import date
 from pathlib import Path
-from typing import Optional
 
 from huggingface_hub import HfApi, constants, get_token, hf_hub_url
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
@@ -81,7 +81,7 @@ def _file_key(path: str | Path) -> tuple:
     return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def verify_sha256(path: str | Path, expected: str, what: str, read: bool = False) -> Optional[bytes]:
+def verify_sha256(path: str | Path, expected: str, what: str, read: bool = False) -> bytes | None:
     """Raise unless the file's sha256 is ``expected``; a file unchanged since this process checked it is not
     hashed again (loading the same weights twice costs one hash). With ``read``, a file that is hashed is
     read whole and its checked bytes are returned (None when it was not read)."""
@@ -92,8 +92,10 @@ def verify_sha256(path: str | Path, expected: str, what: str, read: bool = False
     data = Path(path).read_bytes() if read else None
     actual = sha256_file(path) if data is None else hashlib.sha256(data).hexdigest()
     if actual != expected:
-        raise UserError(f"sha256 mismatch for {what} ({path}): expected {expected}, got {actual}. The file is not "
-                        "the one the zoo recorded (altered, truncated or replaced); delete it and download it again")
+        raise UserError(
+            f"sha256 mismatch for {what} ({path}): expected {expected}, got {actual}. The file is not "
+            "the one the zoo recorded (altered, truncated or replaced); delete it and download it again"
+        )
     if key[5] < started_ns - VERIFIED_MIN_AGE_S * 1e9 and _file_key(path) == key:
         _VERIFIED[key] = actual
     return data
@@ -102,22 +104,26 @@ def verify_sha256(path: str | Path, expected: str, what: str, read: bool = False
 def check_filename(name: str) -> str:
     """A file name inside a repository: relative, no '..' component, no scheme, no backslash."""
     p = Path(name)
-    if (not name or p.is_absolute() or ".." in p.parts or "\\" in name or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name)):
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name):
         raise UserError(f"refusing file name {name!r}: it must be a plain relative path inside the repository")
     return name
 
 
 # ------------------------------------------------------------------------------------------ download
-def weights_path(entry: ZooEntry, cache_dir: Optional[str] = None) -> Path:
+def weights_path(entry: ZooEntry, cache_dir: str | None = None) -> Path:
     """Local path of the entry's ``model.safetensors``: the shipped file, or a download at the pinned revision."""
     if entry.status == "shipped":
         return entry.weights_dir / WEIGHTS_NAME
     if entry.shipped:
-        raise UserError(f"the weights of {entry.name} are missing from this installation of scan_zoo "
-                        f"({entry.weights_dir}); a checkout rebuilds them with `scan-zoo build-digits`")
+        raise UserError(
+            f"the weights of {entry.name} are missing from this installation of scan_zoo "
+            f"({entry.weights_dir}); a checkout rebuilds them with `scan-zoo build-digits`"
+        )
     if entry.status == "recipe":
-        raise UserError(f"{entry.name} is a recipe: no weights have been published for it yet. Train it with "
-                        f"`{entry.recipe_command}`, or pick an entry with weights (scan-zoo list)")
+        raise UserError(
+            f"{entry.name} is a recipe: no weights have been published for it yet. Train it with "
+            f"`{entry.recipe_command}`, or pick an entry with weights (scan-zoo list)"
+        )
     return download_weights(entry, cache_dir)
 
 
@@ -125,7 +131,7 @@ def _printable(text) -> str:
     return "".join(c if c.isprintable() else "?" for c in str(text))
 
 
-def download_weights(entry: ZooEntry, cache_dir: Optional[str] = None) -> Path:
+def download_weights(entry: ZooEntry, cache_dir: str | None = None) -> Path:
     """The entry's ``model.safetensors`` at the lock's commit id, in huggingface_hub's cache layout.
 
     The path is ``<cache>/models--ORG--NAME/snapshots/<revision>/model.safetensors`` (a link to
@@ -142,8 +148,10 @@ def download_weights(entry: ZooEntry, cache_dir: Optional[str] = None) -> Path:
     if snapshot.is_file():
         return snapshot
     if constants.HF_HUB_OFFLINE:
-        raise UserError(f"HF_HUB_OFFLINE is set and {entry.name} ({repo_id} at {revision}) is not in the cache "
-                        f"{storage}: unset HF_HUB_OFFLINE to download it")
+        raise UserError(
+            f"HF_HUB_OFFLINE is set and {entry.name} ({repo_id} at {revision}) is not in the cache "
+            f"{storage}: unset HF_HUB_OFFLINE to download it"
+        )
     blob = storage / "blobs" / expected
     if not blob.is_file():
         _fetch_blob(entry.name, repo_id, revision, expected, blob)
@@ -175,14 +183,20 @@ def _fetch_blob(name: str, repo_id: str, revision: str, expected: str, blob: Pat
     digest, limit, received = hashlib.sha256(), _download_limit(), 0
 
     def too_big(size: str) -> UserError:
-        return UserError(f"the Hub sent {size} for {name} (from {_printable(url)}), more than the limit of {limit} "
-                         f"bytes ({MAX_DOWNLOAD_ENV}); nothing was kept in the cache")
+        return UserError(
+            f"the Hub sent {size} for {name} (from {_printable(url)}), more than the limit of {limit} "
+            f"bytes ({MAX_DOWNLOAD_ENV}); nothing was kept in the cache"
+        )
 
     try:
-        with hub_call(f"downloading {name} ({repo_id} at {revision})", constants.ENDPOINT,
-                      after="nothing was written to the cache"):
-            with get_session().stream("GET", url, headers=build_hf_headers(), follow_redirects=True,
-                                      timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+        with hub_call(
+            f"downloading {name} ({repo_id} at {revision})",
+            constants.ENDPOINT,
+            after="nothing was written to the cache",
+        ):
+            with get_session().stream(
+                "GET", url, headers=build_hf_headers(), follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
+            ) as response:
                 if response.status_code >= 400:
                     response.read()  # the error message is in the body
                 hf_raise_for_status(response)
@@ -197,21 +211,25 @@ def _fetch_blob(name: str, repo_id: str, revision: str, expected: str, blob: Pat
                         digest.update(chunk)
                         f.write(chunk)
         if digest.hexdigest() != expected:
-            raise UserError(f"sha256 mismatch for {name} (downloaded from {_printable(url)}): expected {expected}, "
-                            f"got {digest.hexdigest()}. The Hub served a file other than the one the zoo recorded; "
-                            "nothing was kept in the cache")
+            raise UserError(
+                f"sha256 mismatch for {name} (downloaded from {_printable(url)}): expected {expected}, "
+                f"got {digest.hexdigest()}. The Hub served a file other than the one the zoo recorded; "
+                "nothing was kept in the cache"
+            )
         os.replace(tmp, blob)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_verified(entry: ZooEntry, cache_dir: Optional[str] = None) -> dict:
+def load_verified(entry: ZooEntry, cache_dir: str | None = None) -> dict:
     """The entry's backbone state dict, after its sha256 was checked against the lock file."""
     path = weights_path(entry, cache_dir)
     expected = entry.facts.get("sha256")
     if not expected:
-        raise UserError(f"the zoo records no sha256 for {entry.name}: refusing to load unverified weights "
-                        "(the lock file zoo_lock.json lacks it)")
+        raise UserError(
+            f"the zoo records no sha256 for {entry.name}: refusing to load unverified weights "
+            "(the lock file zoo_lock.json lacks it)"
+        )
     data = verify_sha256(path, expected, entry.name, read=path.stat().st_size <= READ_ONCE_MAX_BYTES)
     return read_safetensors(path, data)
 
@@ -224,7 +242,7 @@ def read_export_config(folder: Path) -> dict:
     return read_json_object(path)
 
 
-def export(run_dir: str | Path, name: str, out_dir: str | Path, results: Optional[dict] = None) -> Path:
+def export(run_dir: str | Path, name: str, out_dir: str | Path, results: dict | None = None) -> Path:
     """Make ``out_dir`` a zoo model folder from a training run directory (``model.safetensors`` + config there).
 
     ``name`` is the zoo name ``<arch>.<tag>``; a name the registry knows must match the run's architecture
@@ -240,7 +258,9 @@ def export(run_dir: str | Path, name: str, out_dir: str | Path, results: Optiona
     if arch != entry.arch:
         raise UserError(f"{run_dir} holds a {arch}, but {name} is a {entry.arch}")
     if meta.get("method") not in (None, entry.method):
-        raise UserError(f"{run_dir} was trained with --method {meta.get('method')}, but {name} is a {entry.method} entry")
+        raise UserError(
+            f"{run_dir} was trained with --method {meta.get('method')}, but {name} is a {entry.method} entry"
+        )
     weights = run_dir / WEIGHTS_NAME
     state = read_safetensors(weights)
     model = create_backbone(arch)
@@ -254,12 +274,21 @@ def export(run_dir: str | Path, name: str, out_dir: str | Path, results: Optiona
     digest = sha256_file(out_dir / WEIGHTS_NAME)
     cfg = pretrained_cfg(entry).to_dict()
     model.pretrained_cfg = {k: v for k, v in cfg.items() if k not in ("file", "hf_hub_id", "hf_hub_filename")}
-    scan_meta = {"name": name, "method": entry.method, "sha256": digest, "recipe": entry.recipe,
-                 "data": entry.data, "train": {k: meta[k] for k in ("steps", "epochs", "num_train_images", "config")
-                                               if k in meta},
-                 "exported": date.today().isoformat()}
-    save_config_for_hf(model, str(out_dir / CONFIG_NAME), model_config={"scan_zoo": scan_meta},
-                       data_config=entry.preprocess.timm_fields())
+    scan_meta = {
+        "name": name,
+        "method": entry.method,
+        "sha256": digest,
+        "recipe": entry.recipe,
+        "data": entry.data,
+        "train": {k: meta[k] for k in ("steps", "epochs", "num_train_images", "config") if k in meta},
+        "exported": date.today().isoformat(),
+    }
+    save_config_for_hf(
+        model,
+        str(out_dir / CONFIG_NAME),
+        model_config={"scan_zoo": scan_meta},
+        data_config=entry.preprocess.timm_fields(),
+    )
     if results:
         (out_dir / RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / CARD_NAME).write_text(model_card(entry, results or {}, digest, scan_meta["train"]))
@@ -283,8 +312,14 @@ def verify_export(folder: str | Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- publish
-def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpoint: Optional[str] = None,
-            private: bool = False, record_lock: bool = True) -> dict:
+def publish(
+    folder: str | Path,
+    repo_id: str,
+    token: str | None = None,
+    endpoint: str | None = None,
+    private: bool = False,
+    record_lock: bool = True,
+) -> dict:
     """Upload an exported folder to ``repo_id`` (created if needed); record revision and sha256 in the lock.
 
     Everything is checked before the first request: the repository id, a token (``HF_TOKEN`` or
@@ -306,24 +341,44 @@ def publish(folder: str | Path, repo_id: str, token: Optional[str] = None, endpo
     if record_lock:
         read_lock(lock_path())  # a lock that cannot take the record is refused before anything is uploaded
     api = HfApi(endpoint=endpoint, token=token)
-    with hub_call(f"upload of {meta['name']} to {repo_id}", endpoint or api.endpoint, token,
-                  after="nothing was recorded in the lock", replies=True):
+    with hub_call(
+        f"upload of {meta['name']} to {repo_id}",
+        endpoint or api.endpoint,
+        token,
+        after="nothing was recorded in the lock",
+        replies=True,
+    ):
         api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                 commit_message=f"scan_zoo: {meta['name']} (sha256 {meta['sha256'][:12]})",
-                                 allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, RESULTS_NAME])
+        info = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=f"scan_zoo: {meta['name']} (sha256 {meta['sha256'][:12]})",
+            allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, RESULTS_NAME],
+        )
     try:
-        revision = check_revision(getattr(info, "oid", None),
-                                  f"the Hub at {endpoint or api.endpoint} answered the upload to {repo_id}")
+        revision = check_revision(
+            getattr(info, "oid", None), f"the Hub at {endpoint or api.endpoint} answered the upload to {repo_id}"
+        )
     except UserError as e:
-        raise UserError(f"{e}; nothing was recorded in the lock (check {repo_id} on the Hub: the upload may have "
-                        "landed)") from None
-    out = {"name": meta["name"], "repo_id": repo_id, "revision": revision,
-           "commit_url": _printable(getattr(info, "commit_url", "")), "sha256": meta["sha256"]}
+        raise UserError(
+            f"{e}; nothing was recorded in the lock (check {repo_id} on the Hub: the upload may have landed)"
+        ) from None
+    out = {
+        "name": meta["name"],
+        "repo_id": repo_id,
+        "revision": revision,
+        "commit_url": _printable(getattr(info, "commit_url", "")),
+        "sha256": meta["sha256"],
+    }
     if record_lock:
         results_file = Path(folder) / RESULTS_NAME
-        facts = {"hf_hub_id": repo_id, "revision": revision, "sha256": meta["sha256"],
-                 "published": date.today().isoformat()}
+        facts = {
+            "hf_hub_id": repo_id,
+            "revision": revision,
+            "sha256": meta["sha256"],
+            "published": date.today().isoformat(),
+        }
         if results_file.is_file():
             facts["metrics"] = read_json_object(results_file)
         out["lock"] = str(record(meta["name"], facts))

@@ -5,11 +5,12 @@ errors, ``HfHubHTTPError`` for 4xx/5xx answers) and logs a warning before each r
 all of these into a :class:`~scan_zoo.common.errors.UserError` of one line and keeps the retry warnings quiet while
 the call runs, so a user sees one message, not a 70-line traceback preceded by "Retrying in 1s".
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, Optional
+from typing import Iterator
 
 from scan_zoo.common.errors import UserError
 
@@ -41,7 +42,7 @@ def network_error_types() -> tuple:
     return tuple(types)
 
 
-def describe(error: BaseException, token: Optional[str] = None) -> str:
+def describe(error: BaseException, token: str | None = None) -> str:
     """``<type>[ HTTP <status>]: <first line of the message>``, token scrubbed, shortened, on one line."""
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None) if response is not None else None
@@ -73,8 +74,9 @@ MALFORMED_REPLY = (KeyError, TypeError, ValueError)
 
 
 @contextlib.contextmanager
-def hub_call(what: str, endpoint: Optional[str], token: Optional[str] = None, after: str = "",
-             replies: bool = False) -> Iterator[None]:
+def hub_call(
+    what: str, endpoint: str | None, token: str | None = None, after: str = "", replies: bool = False
+) -> Iterator[None]:
     """Run Hub requests; a network or HTTP failure becomes ``UserError("<what> at <endpoint> failed: ...")``.
 
     ``after`` is appended to the message (e.g. what was, or was not, recorded). With ``replies``, the block
@@ -91,8 +93,9 @@ def hub_call(what: str, endpoint: Optional[str], token: Optional[str] = None, af
         except MALFORMED_REPLY as e:
             if not replies:
                 raise
-            raise UserError(f"{what} at {where} failed: the server's reply is malformed ({describe(e, token)})"
-                            f"{tail}") from None
+            raise UserError(
+                f"{what} at {where} failed: the server's reply is malformed ({describe(e, token)}){tail}"
+            ) from None
 
 
 def _default_endpoint() -> str:

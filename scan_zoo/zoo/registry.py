@@ -10,6 +10,7 @@ the metrics measured on them - is never typed in: ``scan-zoo publish`` and ``sca
 record it in the lock file ``zoo_lock.json`` beside this module (``SCAN_ZOO_LOCK`` names another), and
 metrics come from the evaluation code's ``eval_results.json``.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -18,7 +19,6 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from scan_zoo.common.errors import UserError
 from scan_zoo.common.paths import PACKAGE_DIR
@@ -46,9 +46,14 @@ class Preprocess:
     crop_mode: str = "center"
 
     def timm_fields(self) -> dict:
-        return {"input_size": (3, self.image_size, self.image_size), "crop_pct": self.crop_pct,
-                "crop_mode": self.crop_mode, "interpolation": self.interpolation, "mean": tuple(self.mean),
-                "std": tuple(self.std)}
+        return {
+            "input_size": (3, self.image_size, self.image_size),
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+            "interpolation": self.interpolation,
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+        }
 
 
 IMAGENET_224 = Preprocess(224, 0.875)  # resize 256, centre crop 224 (MoCo's evaluation transform)
@@ -56,32 +61,50 @@ DIGITS_32 = Preprocess(32, 32 / 37)  # resize 37, centre crop 32: the transform 
 #   (eval_linear.py validates at crop = input size, resize = crop / 0.875 rounded; timm resizes to floor(32 / crop_pct))
 
 PAPERS = {
-    "scan": ("Wei et al., Can Semantic Labels Assist Self-Supervised Visual Representation Learning? (2020)",
-             "arXiv:2011.08621",
-             "@article{wei2020scan,\n  title={Can Semantic Labels Assist Self-Supervised Visual Representation "
-             "Learning?},\n  author={Wei, Longhui and Xie, Lingxi and He, Jianzhong and Chang, Jianlong and "
-             "Zhang, Xiaopeng and Zhou, Wengang and Li, Houqiang and Tian, Qi},\n  journal={arXiv preprint "
-             "arXiv:2011.08621},\n  year={2020}\n}"),
-    "moco": ("Chen et al., Improved Baselines with Momentum Contrastive Learning (2020)", "arXiv:2003.04297",
-             "@article{chen2020mocov2,\n  title={Improved Baselines with Momentum Contrastive Learning},\n  "
-             "author={Chen, Xinlei and Fan, Haoqi and Girshick, Ross and He, Kaiming},\n  journal={arXiv preprint "
-             "arXiv:2003.04297},\n  year={2020}\n}"),
-    "supcon": ("Khosla et al., Supervised Contrastive Learning (NeurIPS 2020)", "arXiv:2004.11362",
-               "@inproceedings{khosla2020supcon,\n  title={Supervised Contrastive Learning},\n  author={Khosla, "
-               "Prannay and others},\n  booktitle={NeurIPS},\n  year={2020}\n}"),
-    "dsc": ("Li et al., Dense Semantic Contrast for Self-Supervised Visual Representation Learning (ACM MM 2021)",
-            "doi:10.1145/3474085.3475551",
-            "@inproceedings{li2021dsc,\n  title={Dense Semantic Contrast for Self-Supervised Visual Representation "
-            "Learning},\n  author={Li, Xiaoni and Zhou, Yu and Zhang, Yifei and Zhang, Aoting and Wang, Wei and Jiang, "
-            "Ning and Wu, Haiying and Wang, Weiping},\n  booktitle={ACM MM},\n  year={2021}\n}"),
-    "supervised": ("He et al., Deep Residual Learning for Image Recognition (CVPR 2016)", "arXiv:1512.03385",
-                   "@inproceedings{he2016resnet,\n  title={Deep Residual Learning for Image Recognition},\n  "
-                   "author={He, Kaiming and Zhang, Xiangyu and Ren, Shaoqing and Sun, Jian},\n  booktitle={CVPR},\n"
-                   "  year={2016}\n}"),
+    "scan": (
+        "Wei et al., Can Semantic Labels Assist Self-Supervised Visual Representation Learning? (2020)",
+        "arXiv:2011.08621",
+        "@article{wei2020scan,\n  title={Can Semantic Labels Assist Self-Supervised Visual Representation "
+        "Learning?},\n  author={Wei, Longhui and Xie, Lingxi and He, Jianzhong and Chang, Jianlong and "
+        "Zhang, Xiaopeng and Zhou, Wengang and Li, Houqiang and Tian, Qi},\n  journal={arXiv preprint "
+        "arXiv:2011.08621},\n  year={2020}\n}",
+    ),
+    "moco": (
+        "Chen et al., Improved Baselines with Momentum Contrastive Learning (2020)",
+        "arXiv:2003.04297",
+        "@article{chen2020mocov2,\n  title={Improved Baselines with Momentum Contrastive Learning},\n  "
+        "author={Chen, Xinlei and Fan, Haoqi and Girshick, Ross and He, Kaiming},\n  journal={arXiv preprint "
+        "arXiv:2003.04297},\n  year={2020}\n}",
+    ),
+    "supcon": (
+        "Khosla et al., Supervised Contrastive Learning (NeurIPS 2020)",
+        "arXiv:2004.11362",
+        "@inproceedings{khosla2020supcon,\n  title={Supervised Contrastive Learning},\n  author={Khosla, "
+        "Prannay and others},\n  booktitle={NeurIPS},\n  year={2020}\n}",
+    ),
+    "dsc": (
+        "Li et al., Dense Semantic Contrast for Self-Supervised Visual Representation Learning (ACM MM 2021)",
+        "doi:10.1145/3474085.3475551",
+        "@inproceedings{li2021dsc,\n  title={Dense Semantic Contrast for Self-Supervised Visual Representation "
+        "Learning},\n  author={Li, Xiaoni and Zhou, Yu and Zhang, Yifei and Zhang, Aoting and Wang, Wei and Jiang, "
+        "Ning and Wu, Haiying and Wang, Weiping},\n  booktitle={ACM MM},\n  year={2021}\n}",
+    ),
+    "supervised": (
+        "He et al., Deep Residual Learning for Image Recognition (CVPR 2016)",
+        "arXiv:1512.03385",
+        "@inproceedings{he2016resnet,\n  title={Deep Residual Learning for Image Recognition},\n  "
+        "author={He, Kaiming and Zhang, Xiangyu and Ren, Shaoqing and Sun, Jian},\n  booktitle={CVPR},\n"
+        "  year={2016}\n}",
+    ),
 }
 
-METHOD_NAMES = {"scan": "SCAN (Wei et al.)", "moco": "MoCo-v2", "supcon": "supervised contrastive",
-                "supervised": "supervised cross-entropy", "dsc": "DSC (Li et al.)"}
+METHOD_NAMES = {
+    "scan": "SCAN (Wei et al.)",
+    "moco": "MoCo-v2",
+    "supcon": "supervised contrastive",
+    "supervised": "supervised cross-entropy",
+    "dsc": "DSC (Li et al.)",
+}
 
 IN1K = "ImageNet-1K train split (1.28 M images; class labels used by scan, supcon and sup)"
 DIGITS = "digit scenes (embedded: scikit-learn's handwritten digits rendered at 32 px; 5,752 train images)"
@@ -108,7 +131,7 @@ class ZooEntry:
     data: str
     preprocess: Preprocess
     shipped: bool = False
-    hf_hub_id: Optional[str] = None
+    hf_hub_id: str | None = None
     overrides: tuple = ()
     reported: dict = field(default_factory=dict)
     license: str = "apache-2.0"
@@ -163,35 +186,72 @@ class ZooEntry:
         return self.facts.get("metrics", {})
 
 
-def _in1k(arch: str, method: str, tag: str, recipe: str, overrides: tuple = (), reported: dict | None = None,
-          notes: str = "") -> ZooEntry:
-    return ZooEntry(arch, tag, method, recipe, IN1K, IMAGENET_224, hf_hub_id=f"{HUB_ORG}/{arch}.{tag}",
-                    overrides=overrides, reported=reported or {}, notes=notes)
+def _in1k(
+    arch: str, method: str, tag: str, recipe: str, overrides: tuple = (), reported: dict | None = None, notes: str = ""
+) -> ZooEntry:
+    return ZooEntry(
+        arch,
+        tag,
+        method,
+        recipe,
+        IN1K,
+        IMAGENET_224,
+        hf_hub_id=f"{HUB_ORG}/{arch}.{tag}",
+        overrides=overrides,
+        reported=reported or {},
+        notes=notes,
+    )
 
 
 def _digits(method: str, tag: str) -> ZooEntry:
-    return ZooEntry("test_resnet", tag, method, f"digits_{method}", DIGITS, DIGITS_32,
-                    shipped=True, notes="trained by `scan-zoo build-digits` on a 2-core CPU; a demonstration, "
-                    "not a transfer backbone")
+    return ZooEntry(
+        "test_resnet",
+        tag,
+        method,
+        f"digits_{method}",
+        DIGITS,
+        DIGITS_32,
+        shipped=True,
+        notes="trained by `scan-zoo build-digits` on a 2-core CPU; a demonstration, not a transfer backbone",
+    )
 
 
 _TABLE7 = "Wei et al. 2020, Table 7: linear probe on ImageNet-1K, ResNet-50"
 ENTRIES: tuple[ZooEntry, ...] = (
-    _in1k("resnet50", "scan", "scan_in1k", "scan_in1k",
-          reported={"linear_top1": 75.0, "linear_top5": 91.6, "source": _TABLE7 + " (SCAN, 400 epochs from MoCo-v2 800)"}),
-    _in1k("resnet50", "moco", "moco_in1k", "moco_v2_in1k",
-          reported={"linear_top1": 71.1, "source": _TABLE7 + " (MoCo-v2, 800 epochs)"}),
+    _in1k(
+        "resnet50",
+        "scan",
+        "scan_in1k",
+        "scan_in1k",
+        reported={"linear_top1": 75.0, "linear_top5": 91.6, "source": _TABLE7 + " (SCAN, 400 epochs from MoCo-v2 800)"},
+    ),
+    _in1k(
+        "resnet50",
+        "moco",
+        "moco_in1k",
+        "moco_v2_in1k",
+        reported={"linear_top1": 71.1, "source": _TABLE7 + " (MoCo-v2, 800 epochs)"},
+    ),
     _in1k("resnet50", "supcon", "supcon_in1k", "supcon_in1k"),
     _in1k("resnet50", "supervised", "sup_in1k", "sup_in1k"),
-    _in1k("resnet50", "dsc", "dsc_in1k", "dsc_in1k",
-          notes="DSC's full paper is not in hand: its dsc_* values are our readings of the abstract (README 'DSC')"),
+    _in1k(
+        "resnet50",
+        "dsc",
+        "dsc_in1k",
+        "dsc_in1k",
+        notes="DSC's full paper is not in hand: its dsc_* values are our readings of the abstract (README 'DSC')",
+    ),
     _in1k("resnet18", "scan", "scan_in1k", "scan_in1k", overrides=(("model", "resnet18"),)),
     _in1k("resnet101", "scan", "scan_in1k", "scan_in1k", overrides=(("model", "resnet101"),)),
-    _in1k("wide_resnet50_2", "scan", "scan_in1k", "scan_in1k",
-          overrides=(("model", "wide_resnet50_2"),)),
-    _in1k("vit_small_patch16_224", "scan", "scan_in1k", "scan_in1k",
-          overrides=(("model", "vit_small_patch16_224"),),
-          notes="the paper trains ResNets only; this applies the ResNet-50 recipe (SGD) unchanged to ViT-S/16"),
+    _in1k("wide_resnet50_2", "scan", "scan_in1k", "scan_in1k", overrides=(("model", "wide_resnet50_2"),)),
+    _in1k(
+        "vit_small_patch16_224",
+        "scan",
+        "scan_in1k",
+        "scan_in1k",
+        overrides=(("model", "vit_small_patch16_224"),),
+        notes="the paper trains ResNets only; this applies the ResNet-50 recipe (SGD) unchanged to ViT-S/16",
+    ),
     _digits("scan", "scan_digits"),
     _digits("moco", "moco_digits"),
     _digits("supcon", "supcon_digits"),
@@ -213,7 +273,7 @@ def get_entry(name: str) -> ZooEntry:
     raise UserError(f"{name!r} is not in the zoo; scan-zoo list shows every entry")
 
 
-def find_entry(arch: Optional[str], tag: Optional[str]) -> Optional[ZooEntry]:
+def find_entry(arch: str | None, tag: str | None) -> ZooEntry | None:
     for e in ENTRIES:
         if e.arch == arch and e.tag == tag:
             return e
@@ -230,8 +290,10 @@ def check_revision(value, where: str) -> str:
     """A Hub commit id: exactly 40 lowercase hex digits. Branch and tag names move, so they pin nothing, and a
     server-chosen string must never become part of a cache path (``refs/<revision>``)."""
     if not (isinstance(value, str) and _COMMIT.fullmatch(value)):
-        raise UserError(f"{where}: revision {value!r} is not a commit id (40 lowercase hex digits); branch names, "
-                        "tags and short ids do not pin weights")
+        raise UserError(
+            f"{where}: revision {value!r} is not a commit id (40 lowercase hex digits); branch names, "
+            "tags and short ids do not pin weights"
+        )
     return value
 
 
@@ -247,8 +309,10 @@ def check_repo_id(value, where: str = "") -> str:
     parts = value.split("/") if isinstance(value, str) else []
     if len(parts) != 2 or not all(_REPO_PART.fullmatch(p) for p in parts) or ".." in value or "--" in value:
         what = f"{where}: hf_hub_id {value!r}" if where else repr(value)
-        raise UserError(f"{what} is not a Hub repository id (expected ORG/NAME: letters, digits, '-', '_', '.'; "
-                        "no '..', slashes, schemes or absolute paths)")
+        raise UserError(
+            f"{what} is not a Hub repository id (expected ORG/NAME: letters, digits, '-', '_', '.'; "
+            "no '..', slashes, schemes or absolute paths)"
+        )
     return value
 
 
@@ -276,7 +340,7 @@ def _parse_lock(path: Path) -> dict:
     return lock
 
 
-def read_lock(path: Optional[Path] = None) -> dict:
+def read_lock(path: Path | None = None) -> dict:
     """The lock file's entries, every revision, sha256 and repository id checked (a bad one: UserError)."""
     path = Path(path) if path else lock_path()
     if not path.is_file():
@@ -290,7 +354,7 @@ def read_lock(path: Optional[Path] = None) -> dict:
     return json.loads(json.dumps(cached[1]))  # a copy: callers may modify what they get
 
 
-def record(name: str, facts: dict, path: Optional[Path] = None) -> Path:
+def record(name: str, facts: dict, path: Path | None = None) -> Path:
     """Merge ``facts`` (sha256, hf_hub_id, revision, metrics, ...) into the lock entry of ``name``.
 
     The merged entry is checked before anything is written: a malformed revision, sha256 or repository id

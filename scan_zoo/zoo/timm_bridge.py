@@ -18,6 +18,7 @@ After :func:`install`:
 A lock file with a malformed entry does not break ``import scan_zoo``: the tags are registered without
 weights, and asking for an entry's weights (or ``scan-zoo list``) reports the lock's problem in one line.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,10 @@ def register_tags(entries=ENTRIES) -> None:
     needed = ("_model_pretrained_cfgs", "_model_default_cfgs", "_model_with_tags", "_model_has_pretrained")
     missing = [n for n in needed if not hasattr(reg, n)]
     if missing:
-        raise RuntimeError(f"timm {__import__('timm').__version__} moved its registry internals ({missing}): "
-                           "scan_zoo cannot add its tags; update scan_zoo.zoo.timm_bridge.register_tags")
+        raise RuntimeError(
+            f"timm {__import__('timm').__version__} moved its registry internals ({missing}): "
+            "scan_zoo cannot add its tags; update scan_zoo.zoo.timm_bridge.register_tags"
+        )
     for entry in entries:
         if entry.arch not in reg._model_default_cfgs:
             raise RuntimeError(f"timm has no architecture {entry.arch!r} with pretrained cfgs (zoo entry {entry.name})")
@@ -64,8 +67,10 @@ def install_loader_hook() -> None:
 
     original = getattr(_builder, "load_pretrained", None)
     if not callable(original):
-        raise RuntimeError("timm.models._builder.load_pretrained is gone: scan_zoo cannot verify zoo weights; "
-                           "update scan_zoo.zoo.timm_bridge.install_loader_hook")
+        raise RuntimeError(
+            "timm.models._builder.load_pretrained is gone: scan_zoo cannot verify zoo weights; "
+            "update scan_zoo.zoo.timm_bridge.install_loader_hook"
+        )
     if getattr(original, _MARK, False):
         return
 

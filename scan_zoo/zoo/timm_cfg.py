@@ -1,5 +1,6 @@
 """A zoo entry as timm's ``PretrainedCfg``: what timm needs to build, preprocess and load it (the registry
 and lock are the only inputs, so both the timm bridge and the Hub publisher can use it)."""
+
 from __future__ import annotations
 
 import timm
@@ -41,12 +42,17 @@ def pretrained_cfg(entry: ZooEntry):
     elif entry.hf_hub_id:
         hub_id = entry.hf_hub_id
     return PretrainedCfg(
-        architecture=entry.arch, tag=entry.tag,
+        architecture=entry.arch,
+        tag=entry.tag,
         file=str(entry.weights_dir / "model.safetensors") if status == "shipped" else None,
-        hf_hub_id=hub_id, hf_hub_filename="model.safetensors",
-        num_classes=0, classifier=arch_default.classifier if arch_default else None,
+        hf_hub_id=hub_id,
+        hf_hub_filename="model.safetensors",
+        num_classes=0,
+        classifier=arch_default.classifier if arch_default else None,
         first_conv=arch_default.first_conv if arch_default else None,
-        license=entry.license, paper_name=entry.paper[0], paper_ids=entry.paper[1],
+        license=entry.license,
+        paper_name=entry.paper[0],
+        paper_ids=entry.paper[1],
         notes=f"scan_zoo {entry.method} ({status})",
         **entry.preprocess.timm_fields(),
     )

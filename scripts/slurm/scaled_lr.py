@@ -6,6 +6,7 @@
 The recipe's ``lr`` is its value for ``_meta.processes`` x ``batch_size`` images per step (the batch it was
 tuned at); the launch runs PROCESSES x per-process batch (``--batch-size``, default the recipe's).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     from scan_zoo.core.schedules import global_batch, scale_lr
     from scan_zoo.train.config import load_yaml
 
-    p = argparse.ArgumentParser(prog="scaled_lr.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="scaled_lr.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("recipe")
     p.add_argument("processes", type=int)
     p.add_argument("--batch-size", type=int, default=None, help="images per process (default: the recipe's)")
