@@ -18,6 +18,7 @@ from torchvision import transforms as T
 
 from scan_zoo.data import datasets as D
 from scan_zoo.data import device as DD
+from scan_zoo.data import transforms as transforms_lib
 
 
 def scene(h: int, w: int, seed: int) -> np.ndarray:
@@ -164,7 +165,9 @@ class Recorder:
             "hflip",
         ):
             monkeypatch.setattr(mod, name, self._wrap(name, getattr(mod, name)))
-        monkeypatch.setattr(D, "gaussian_blur_image", self._wrap("gaussian_blur_image", D.gaussian_blur_image))
+        monkeypatch.setattr(
+            transforms_lib, "gaussian_blur_image", self._wrap("gaussian_blur_image", D.gaussian_blur_image)
+        )
 
     def _wrap(self, name, fn):
         def wrapped(img, *args, **kwargs):

@@ -35,7 +35,6 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from scan_zoo.common.errors import UserError
-from scan_zoo.data.datasets import MultiView, ToNormalizedTensor, gaussian_blur
 from scan_zoo.data.imageio import (
     _DECODE_ERRORS,
     UnreadableImage,
@@ -43,6 +42,7 @@ from scan_zoo.data.imageio import (
     open_regular,
     rgb_loader,
 )
+from scan_zoo.data.transforms import MultiView, ToNormalizedTensor, gaussian_blur
 
 logger = logging.getLogger(__name__)
 
