@@ -353,3 +353,22 @@ def test_the_deadline_keeps_room_for_two_steps_and_a_checkpoint():
     now[0] = 1200.0
     assert Deadline(end=1100.0, clock=lambda: now[0]).due()  # past
     assert not Deadline(end=None, clock=lambda: now[0]).due()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_that_ignore_sigterm_never_block_the_exit(workers):
+    """A loader stopped mid-epoch (an error, a benchmark's partial pass) leaves its workers alive until exit, where
+    multiprocessing would end them with the SIGTERM they ignore and then wait forever."""
+    code = f"""
+import signal
+from torch.utils.data import DataLoader
+from scan_zoo.train import interrupt
+loader = DataLoader(range(1000), batch_size=2, num_workers={workers}, persistent_workers=True,
+                    worker_init_fn=interrupt.worker_init((signal.SIGTERM, signal.SIGUSR1)))
+batches = iter(loader)
+next(batches)
+print("exiting", flush=True)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "exiting" in r.stdout, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-2000:]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from datetime import timedelta
 from pathlib import Path
@@ -67,7 +66,7 @@ def train_loader(cfg: TrainConfig, base, sampler: data_lib.NeighborBatchSampler,
         views = None
     signals = interrupt.parse_signals(cfg.preempt_signals)
     if signals and cfg.num_workers > 0:
-        loader.worker_init_fn = functools.partial(interrupt.ignore_in_worker, signals)
+        loader.worker_init_fn = interrupt.worker_init(signals)
     return loader, views
 
 

@@ -25,9 +25,12 @@ the context SIGINT is Python's usual KeyboardInterrupt and a preemption signal r
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import threading
@@ -180,9 +183,44 @@ class Deadline:
 
 def ignore_in_worker(signals: tuple[signal.Signals, ...], worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: the worker ignores the preemption signals (torch's handler would end it
-    on a SIGTERM from anyone but its parent); it still ends with its loader, or when the training process dies."""
+    on a SIGTERM from anyone but its parent); it still ends with its loader, or when the training process dies.
+    Use it through :func:`worker_init`, which also makes sure such workers cannot block the process's exit."""
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def worker_init(signals: tuple[signal.Signals, ...]) -> Callable[[int], None]:
+    """The ``worker_init_fn`` of a training loader whose workers ignore ``signals``.
+
+    At exit, multiprocessing ends daemonic children (DataLoader workers) with SIGTERM and then waits for them:
+    a worker ignoring SIGTERM, left alive by a loader stopped mid-epoch (an error, a partial benchmark), would
+    hang the exit. So the first call registers :func:`reap_workers` to run before that (atexit is last in,
+    first out) and end them with SIGKILL, which they cannot ignore and which loses nothing: they hold no state.
+    """
+    global _reaper_registered
+    if not _reaper_registered:
+        atexit.register(reap_workers)
+        _reaper_registered = True
+    return functools.partial(ignore_in_worker, signals)
+
+
+_reaper_registered = False
+
+
+def reap_workers() -> None:
+    """SIGKILL this process's daemonic multiprocessing children (DataLoader workers) that are still alive.
+
+    torch's SIGCHLD handler would report each killed worker as a failure: the process is exiting, so the
+    default handler is restored first."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if not children:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(5)
 
 
 class StopRequest:
