@@ -16,14 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, ROOT, assert_same_run, make_image_folder, metric_rows, paused, run_cli, sigkill
+from helpers import PYTHON, ROOT, assert_same_run, cfg_for, make_image_folder, metric_rows, paused, run_cli, sigkill
 from safetensors.torch import load_file
 
 from scan_zoo.data.datasets import NeighborBatchSampler
 from scan_zoo.experiments.pipeline import run_training
 from scan_zoo.methods.contrast import MomentumContrast
 from scan_zoo.train.checkpoints import list_checkpoints
-from scan_zoo.train.config import build_config
 from scan_zoo.train.trainer import NonFiniteLoss
 
 # 48 images, 8 a step: 6 steps an epoch, 18 in all; checkpoints at steps 4, 6, 8, 12, 16 and 18, two kept
@@ -212,25 +211,6 @@ def test_resumed_from_an_earlier_checkpoint_every_step_and_skipped_image_is_logg
 
 
 # ---------------------------------------------------------------------------------- non-finite loss
-def cfg_for(data, out, **kw):
-    base = dict(
-        method="moco",
-        model="test_resnet",
-        data=str(data),
-        output_dir=str(out),
-        epochs=2,
-        batch_size=8,
-        queue_size=16,
-        image_size=16,
-        eval_resize=16,
-        num_workers=0,
-        log_every_steps=1,
-        lr=0.05,
-        seed=1,
-    )
-    return build_config({**base, **kw})
-
-
 @pytest.fixture
 def nan_at(monkeypatch):
     """``nan_at(steps, poison=())``: at those steps (numbered from 1, as in metrics.jsonl, and across resumes)
