@@ -68,28 +68,30 @@ COMMON = [
 ]
 
 
+def launch_cmd(args) -> list[str]:
+    """The command line of train.py under ``accelerate launch`` with two CPU processes (gloo) on this machine."""
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "train.py",
+        *args,
+    ]
+
+
 def launch(args, env=None):
-    """train.py under ``accelerate launch`` with two CPU processes (gloo) on this machine."""
-    return run_cli(
-        [
-            str(BIN / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            "train.py",
-            *args,
-        ],
-        env=env,
-    )
+    """Run :func:`launch_cmd` to its end; returns CompletedProcess."""
+    return run_cli(launch_cmd(args), env=env)
 
 
 def cfg_for(data, out, **kw):

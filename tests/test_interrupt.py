@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BIN, PYTHON, ROOT, make_image_folder, paused
+from helpers import PYTHON, ROOT, launch_cmd, make_image_folder, paused
 
 from scan_zoo.data.datasets import NeighborBatchSampler, image_folder
 from scan_zoo.experiments.pipeline import run_training
@@ -257,37 +257,21 @@ def test_a_batch_without_one_readable_image_is_a_skipped_step(tmp_path):
 def test_two_processes_skip_and_stop_at_the_same_step(tmp_path):
     """accelerate launch, 2 CPU processes: rank 0's second batch is unreadable (both skip that step); then Ctrl-C
     to the launcher, which passes it to each process: both stop after step 3, one line, exit status 130."""
-    import socket
 
     data = make_image_folder(tmp_path / "data")
     corrupt_batch(data, step=1, seed=1, anchors=8, rank=0, world_size=2)
     run = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        "train.py",
-        "--data",
-        str(data),
-        "--output-dir",
-        str(run),
-        *ARGS,
-        "--num-workers",
-        "0",
-    ]
+    cmd = launch_cmd(
+        [
+            "--data",
+            str(data),
+            "--output-dir",
+            str(run),
+            *ARGS,
+            "--num-workers",
+            "0",
+        ]
+    )
     p = start(cmd, run, pause="step:3")
     markers = [run / f".paused_step_3.{r}" for r in (0, 1)]
     wait_for(markers, p)

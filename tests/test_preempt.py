@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 from helpers import (
-    BIN,
     COMMON,
     PYTHON,
     ROOT,
     assert_same_run,
-    free_port,
     launch,
+    launch_cmd,
     make_image_folder,
     metric_rows,
     paused,
@@ -177,25 +176,7 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identical(data, tmp_
     assert p.returncode == 0, p.stderr[-3000:]
 
     run = tmp_path / "run"
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "train.py",
-        *args,
-        "--output-dir",
-        str(run),
-    ]
+    cmd = launch_cmd([*args, "--output-dir", str(run)])
     p = start(cmd, "step:4")
     markers = [run / f".paused_step_4.{r}" for r in (0, 1)]
     wait_for(markers, p)
